@@ -1,0 +1,5 @@
+import sys
+
+from cpsl.cli import main
+
+sys.exit(main())

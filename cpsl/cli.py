@@ -1,0 +1,80 @@
+"""Command line: one subcommand per step, each reading one resolved YAML config and writing one directory.
+
+    python -m cpsl <step> --config FILE --out DIR
+
+On success the step's directory also receives ``config.yaml`` (the resolved settings it ran with) and
+``run_info.json`` (package version, git commit, seed, command). On bad input the program prints one line,
+``cpsl <step>: error: <message naming the file, key or value>``, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cpsl
+from cpsl import config as C
+from cpsl.errors import CpslError
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    help: str
+    config_cls: str      # attribute of cpsl.config
+    function: str        # "module:function", called as function(cfg, out)
+
+
+STEPS: tuple[Step, ...] = (
+    Step("synth", "generate the embedded synthetic domain pair (GTA5 + Cityscapes layouts)",
+         "SynthConfig", "cpsl.data.synth:generate"),
+    Step("prepare", "scan a dataset, check it, convert labels to train ids, write lists and class counts",
+         "PrepareConfig", "cpsl.steps.prepare:run"),
+    Step("import-checkpoint", "convert a released reference CPSL .pkl checkpoint into our format",
+         "ImportCheckpointConfig", "cpsl.steps.import_checkpoint:run"),
+)
+
+
+def _available_steps() -> list[Step]:
+    return [s for s in STEPS if hasattr(C, s.config_cls)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cpsl", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"cpsl {cpsl.__version__}")
+    sub = parser.add_subparsers(dest="step", metavar="<step>", required=True)
+    for step in _available_steps():
+        p = sub.add_parser(step.name, help=step.help, description=step.help)
+        p.add_argument("--config", required=True, type=Path, help="resolved YAML settings for this step")
+        p.add_argument("--out", required=True, type=Path, help="output directory of this step")
+    return parser
+
+
+def run_step(step: Step, config_path: Path, out: Path) -> None:
+    from cpsl import provenance
+
+    cfg = C.load_file(getattr(C, step.config_cls), config_path)
+    module, func = step.function.split(":")
+    getattr(importlib.import_module(module), func)(cfg, out)
+    provenance.record_run(out, step.name, C.to_dict(cfg), seed=getattr(cfg, "seed", None))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    step = next(s for s in STEPS if s.name == args.step)
+    try:
+        run_step(step, args.config, args.out)
+    except CpslError as err:
+        print(f"cpsl {step.name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cpsl {step.name}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

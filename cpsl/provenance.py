@@ -1,0 +1,83 @@
+"""What produced a result: the resolved config, the package version, the git commit, the seed, the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import cpsl
+
+
+def git_commit() -> str:
+    """The commit of the checkout the package runs from (with '+dirty' if modified), or 'unknown'."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_if_changed(path: str | Path, text: str) -> bool:
+    """Atomically write ``text`` unless the file already holds exactly it (keeps mtimes stable)."""
+    path = Path(path)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    atomic_write_text(path, text)
+    return True
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def run_info(step: str, seed: int | None = None) -> dict:
+    return {
+        "step": step,
+        "cpsl_version": cpsl.__version__,
+        "git_commit": git_commit(),
+        "seed": seed,
+        "command": sys.argv,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def record_run(out: str | Path, step: str, config: dict, seed: int | None = None) -> None:
+    """Write ``config.yaml`` (the resolved settings) and ``run_info.json`` into a step's output directory."""
+    out = Path(out)
+    atomic_write_text(out / "config.yaml", dump_yaml(config))
+    atomic_write_text(out / "run_info.json", json.dumps(run_info(step, seed), indent=2) + "\n")

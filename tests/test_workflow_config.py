@@ -1,0 +1,96 @@
+"""config.yaml validation and per-step resolution (cpsl/workflow.py), without running Snakemake."""
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cpsl import workflow as W
+from cpsl.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@pytest.fixture()
+def shipped():
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def test_shipped_config_is_valid_and_defaults_to_demo(shipped):
+    W.check_schema(shipped, SCHEMA)
+    assert W.selected_experiments(shipped) == ["demo"]
+    assert set(shipped["experiment_settings"]) >= {"demo", "gta5_cityscapes", "synthia_cityscapes"}
+    assert shipped["experiment_settings"]["synthia_cityscapes"]["n_class"] == 16
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(experimentz=["demo"]), "config: experimentz: unknown setting"),
+        (lambda c: c["experiment_settings"]["demo"]["synth"].update(heigth=64),
+         "config: experiment_settings.demo.synth.heigth: unknown setting"),
+        (lambda c: c["experiment_settings"]["demo"]["datasets"]["source"].update(format="kitti"),
+         "config: experiment_settings.demo.datasets.source.format: 'kitti' is not one of"),
+        (lambda c: c["experiment_settings"]["demo"]["synth"].update(width=8),
+         "config: experiment_settings.demo.synth.width: 8 is less than the minimum of 32"),
+        (lambda c: c["experiment_settings"]["demo"].update(seeds=[-1]),
+         "config: experiment_settings.demo.seeds[0]: -1 is less than the minimum of 0"),
+        (lambda c: c["experiment_settings"]["demo"]["datasets"].pop("target_val"),
+         "config: experiment_settings.demo.datasets: 'target_val' is a required property"),
+    ],
+)
+def test_schema_errors_name_the_key(shipped, edit, message):
+    edit(shipped)
+    with pytest.raises(ConfigError) as err:
+        W.check_schema(shipped, SCHEMA)
+    assert str(err.value).startswith(message)
+
+
+def test_unknown_experiment_is_named(shipped):
+    shipped["experiments"] = ["demo", "gta5_to_mars"]
+    with pytest.raises(ConfigError, match=r"^config: experiments: unknown experiment 'gta5_to_mars'"):
+        W.selected_experiments(shipped)
+
+
+def test_missing_dataset_root_names_the_key(shipped, tmp_path):
+    shipped["experiments"] = ["gta5_cityscapes"]
+    shipped["results_dir"] = str(tmp_path / "results")
+    with pytest.raises(ConfigError) as err:
+        W.step_config_files(shipped)
+    assert str(err.value).startswith(
+        "config: experiment_settings.gta5_cityscapes.datasets.source.root: dataset root is not set")
+    shipped["experiment_settings"]["gta5_cityscapes"]["datasets"]["source"]["root"] = str(tmp_path / "nope")
+    with pytest.raises(ConfigError, match=r"datasets\.source\.root: dataset root '.*nope' does not exist"):
+        W.step_config_files(shipped)
+
+
+def test_range_errors_from_typed_settings_name_the_key(shipped, tmp_path):
+    shipped["results_dir"] = str(tmp_path / "results")
+    shipped["experiment_settings"]["demo"]["synth"]["n_source_val"] = 300
+    with pytest.raises(ConfigError) as err:
+        W.step_config_files(shipped)
+    assert str(err.value) == "experiment_settings.demo.synth.n_source_val: must be in 0..n_source-1 (got 300)"
+
+
+def test_resolution_writes_step_configs_only_when_changed(shipped, tmp_path):
+    shipped["results_dir"] = str(tmp_path / "results")
+    files = W.step_config_files(shipped)
+    assert sorted(files) == ["demo/prepare_source", "demo/prepare_source_val", "demo/prepare_target_train",
+                             "demo/prepare_target_val", "demo/synth"]
+    prep = yaml.safe_load(files["demo/prepare_target_val"].read_text())
+    assert prep["dataset"] == {"format": "cityscapes", "root": str(tmp_path / "results/demo/synth/cityscapes"),
+                               "split": "val", "n_class": 19, "allow_skip": False, "expected_size": None,
+                               "workers": 2}
+    synth = files["demo/synth"]
+    os.utime(synth, (1_000_000, 1_000_000))
+    W.step_config_files(copy.deepcopy(shipped))           # unchanged: the file (and its mtime) stay
+    assert synth.stat().st_mtime == 1_000_000
+    shipped["experiment_settings"]["demo"]["synth"]["seed"] = 7
+    W.step_config_files(shipped)                          # changed: rewritten, so Snakemake reruns synth
+    assert synth.stat().st_mtime > 1_000_000
+    assert yaml.safe_load(synth.read_text())["seed"] == 7
+    # the prepare configs did not change, so they keep their content
+    assert yaml.safe_load(files["demo/prepare_target_val"].read_text()) == prep

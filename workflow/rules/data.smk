@@ -1,0 +1,40 @@
+# Data: generate the synthetic pair (demo only) and prepare every dataset role of an experiment.
+
+
+rule synth:
+    """Generate the embedded synthetic domain pair in the GTA5 and Cityscapes file layouts."""
+    input:
+        config=lambda wc: step_config(wc.exp, "synth"),
+    output:
+        directory(RESULTS / "{exp}" / "synth"),
+    log:
+        RESULTS / "{exp}" / "logs" / "synth.log",
+    benchmark:
+        RESULTS / "{exp}" / "benchmarks" / "synth.tsv"
+    threads: 2
+    shell:
+        "{CPSL} synth --config {input.config:q} --out {output:q} > {log:q} 2>&1"
+
+
+def prepare_inputs(wc):
+    inputs = {"config": step_config(wc.exp, f"prepare_{wc.role}")}
+    if W.has_synth(config, wc.exp):
+        inputs["synth"] = W.synth_dir(config, wc.exp)
+    return inputs
+
+
+rule prepare:
+    """Check one dataset split, convert its labels to train ids, write lists, class counts, LAB statistics."""
+    input:
+        unpack(prepare_inputs),
+    output:
+        directory(RESULTS / "{exp}" / "data" / "{role}"),
+    log:
+        RESULTS / "{exp}" / "logs" / "prepare_{role}.log",
+    benchmark:
+        RESULTS / "{exp}" / "benchmarks" / "prepare_{role}.tsv"
+    wildcard_constraints:
+        role="|".join(W.DATASET_ROLES),
+    threads: 2
+    shell:
+        "{CPSL} prepare --config {input.config:q} --out {output:q} > {log:q} 2>&1"
