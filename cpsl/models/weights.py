@@ -1,0 +1,93 @@
+"""Initial weights from local files: torchvision ImageNet ResNets and the SimCLRv2 R101 of the reference.
+
+Nothing is ever downloaded. Files are read with ``torch.load(weights_only=True, map_location='cpu')``.
+Tensors are copied by name into the model's state dict (the reference's rule); every shape is checked before
+anything is copied, so a mismatch fails with nothing loaded. The result is reported (log and return value):
+tensors loaded, model keys not in the file (``missing``, e.g. ``layer5.*``) and file keys not in the model
+(``unexpected``, e.g. ``fc.*``). ``num_batches_tracked`` counters are not weights and are never reported missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cpsl.errors import CheckpointError, ConfigError
+from cpsl.models.checkpoint import short_error
+
+log = logging.getLogger(__name__)
+
+INIT_FORMATS = ("torchvision", "simclr")
+
+
+def read_state_dict(path: str | Path, fmt: str = "torchvision", key: str = "model.init") -> dict[str, torch.Tensor]:
+    """Read an init file into a flat ``{name: tensor}`` mapping.
+
+    ``torchvision``: the file is the state dict (a ``{'state_dict': ...}`` wrapper is accepted too).
+    ``simclr``: the file is ``{'state_dict': {...}}`` with torchvision names (reference r101_1x_sk0.pth).
+    A missing file raises ConfigError naming ``key``; an unreadable or wrongly shaped file raises CheckpointError.
+    """
+    if fmt not in INIT_FORMATS:
+        raise ConfigError(f"{key}_format: {fmt!r} is not one of {', '.join(map(repr, INIT_FORMATS))}")
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{key}: file not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
+        raise CheckpointError(f"{path}: cannot read init weights ({short_error(err)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(data).__name__}")
+    if "state_dict" in data and isinstance(data["state_dict"], dict):
+        data = data["state_dict"]
+    elif fmt == "simclr":
+        raise CheckpointError(f"{path}: {key}_format is 'simclr' but the file has no 'state_dict' entry")
+    state: dict[str, torch.Tensor] = {}
+    for name, value in data.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name!r} is not a tensor ({type(value).__name__}); "
+                                  f"not a {fmt} state dict")
+        state[name.removeprefix("module.")] = value
+    return state
+
+
+def _summary(keys: list[str]) -> str:
+    groups = Counter(k.split(".", 1)[0] for k in keys)
+    return ", ".join(f"{g}.*: {n}" for g, n in groups.items())
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
+    """Copy every tensor of ``state`` whose name is in the model; check all shapes first; return a report."""
+    target = model.state_dict()
+    for name, value in state.items():
+        if name in target and tuple(value.shape) != tuple(target[name].shape):
+            raise CheckpointError(f"{source}: shape mismatch for {name}: file has {tuple(value.shape)}, "
+                                  f"model has {tuple(target[name].shape)}")
+    common = [k for k in state if k in target]
+    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in target]
+    if not common:
+        raise CheckpointError(f"{source}: no tensor in the file matches a model parameter "
+                              f"(file keys start {', '.join(list(state)[:3])})")
+    with torch.no_grad():
+        for k in common:
+            target[k].copy_(state[k])
+    report = {"file": source, "loaded": len(common), "missing": missing, "unexpected": unexpected}
+    log.info("%s: loaded %d tensors; %d model keys not in file (%s); %d file keys unused (%s)", source,
+             len(common), len(missing), _summary(missing) or "none", len(unexpected), _summary(unexpected) or "none")
+    return report
+
+
+def load_init_weights(model: nn.Module, path: str | Path, fmt: str = "torchvision",
+                      key: str = "model.init") -> dict[str, Any]:
+    """Initialise ``model`` from a local torchvision/SimCLR file; return ``{file, loaded, missing, unexpected}``.
+
+    ``key`` is the config key named in errors (e.g. ``model.init: file not found: /path``).
+    """
+    state = read_state_dict(path, fmt, key)
+    return load_state_into(model, state, str(path))
