@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,9 @@ class Step:
     help: str
     config_cls: str      # attribute of cpsl.config
     function: str        # "module:function", called as function(cfg, out)
+    # prefix of the recorded config/run_info files: a step that writes into another step's directory
+    # (evaluate into a stage's folder) must not overwrite that step's record
+    record_as: str = ""
 
 
 STEPS: tuple[Step, ...] = (
@@ -35,6 +39,18 @@ STEPS: tuple[Step, ...] = (
          "PrepareConfig", "cpsl.steps.prepare:run"),
     Step("import-checkpoint", "convert a released reference CPSL .pkl checkpoint into our format",
          "ImportCheckpointConfig", "cpsl.steps.import_checkpoint:run"),
+    Step("pseudo-soft", "soft pseudo labels (quantised class probabilities at output resolution) of a split",
+         "PseudoSoftConfig", "cpsl.steps.pseudo_soft:run"),
+    Step("prototypes", "initial class prototypes: class-mean features of the model's own predictions",
+         "PrototypesConfig", "cpsl.steps.prototypes:run"),
+    Step("class-dist", "predicted class distribution of a split at the model's output resolution",
+         "ClassDistConfig", "cpsl.steps.class_dist:run"),
+    Step("pseudo-hard", "hard pseudo labels (flip-averaged argmax and confidence) of a split",
+         "PseudoHardConfig", "cpsl.steps.pseudo_hard:run"),
+    Step("evaluate", "mIoU of a checkpoint on a prepared split; writes metrics.json",
+         "EvaluateConfig", "cpsl.steps.evaluate:run", record_as="evaluate_"),
+    Step("train", "train one stage (source_only, warmup, oracle; the stage is in the config); resumes after a kill",
+         "TrainConfig", "cpsl.steps.train:run"),
 )
 
 
@@ -50,23 +66,29 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(step.name, help=step.help, description=step.help)
         p.add_argument("--config", required=True, type=Path, help="resolved YAML settings for this step")
         p.add_argument("--out", required=True, type=Path, help="output directory of this step")
+        if step.name == "train":
+            p.add_argument("--stage", help="check that the config's stage is this one")
     return parser
 
 
-def run_step(step: Step, config_path: Path, out: Path) -> None:
+def run_step(step: Step, config_path: Path, out: Path, stage: str | None = None) -> None:
     from cpsl import provenance
 
     cfg = C.load_file(getattr(C, step.config_cls), config_path)
+    if stage is not None and getattr(cfg, "stage", stage) != stage:
+        raise C.ConfigError(f"{config_path}: stage: the config says {cfg.stage!r} but --stage is {stage!r}")
     module, func = step.function.split(":")
     getattr(importlib.import_module(module), func)(cfg, out)
-    provenance.record_run(out, step.name, C.to_dict(cfg), seed=getattr(cfg, "seed", None))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes files
+        provenance.record_run(out, step.name, C.to_dict(cfg), seed=getattr(cfg, "seed", None),
+                              prefix=step.record_as)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     step = next(s for s in STEPS if s.name == args.step)
     try:
-        run_step(step, args.config, args.out)
+        run_step(step, args.config, args.out, getattr(args, "stage", None))
     except CpslError as err:
         print(f"cpsl {step.name}: error: {err}", file=sys.stderr)
         return 2

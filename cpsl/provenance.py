@@ -76,8 +76,8 @@ def run_info(step: str, seed: int | None = None) -> dict:
     }
 
 
-def record_run(out: str | Path, step: str, config: dict, seed: int | None = None) -> None:
-    """Write ``config.yaml`` (the resolved settings) and ``run_info.json`` into a step's output directory."""
+def record_run(out: str | Path, step: str, config: dict, seed: int | None = None, prefix: str = "") -> None:
+    """Write ``<prefix>config.yaml`` (the resolved settings) and ``<prefix>run_info.json`` into ``out``."""
     out = Path(out)
-    atomic_write_text(out / "config.yaml", dump_yaml(config))
-    atomic_write_text(out / "run_info.json", json.dumps(run_info(step, seed), indent=2) + "\n")
+    atomic_write_text(out / f"{prefix}config.yaml", dump_yaml(config))
+    atomic_write_text(out / f"{prefix}run_info.json", json.dumps(run_info(step, seed), indent=2) + "\n")
