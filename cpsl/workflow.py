@@ -22,6 +22,10 @@ from cpsl.provenance import dump_yaml, write_if_changed
 
 SYNTH_PREFIX = "@synth"
 DATASET_ROLES = ("source", "source_val", "target_train", "target_val")
+# Training stages in the order of the chain; an experiment runs those listed under its `stages`.
+STAGES = ("source_only", "warmup", "oracle")
+# Per-stage outputs of the warm-up model that stage 1 consumes.
+WARMUP_PRODUCTS = ("pseudo_soft", "prototypes", "class_dist")
 
 
 def _path_of(error: jsonschema.ValidationError) -> str:
@@ -122,6 +126,116 @@ def prepare_config(config: dict, exp: str, role: str) -> dict:
     return C.to_dict(cfg)
 
 
+def check_keys(cls: type, data: Any, prefix: str) -> None:
+    """Reject unknown keys in a *partial* settings mapping (defaults and required keys are not checked here:
+    the merged, complete mapping is loaded later). Recurses into nested settings classes."""
+    import dataclasses
+    import difflib
+    import typing
+
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {prefix}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config: {prefix}.{key}: unknown setting{hint}")
+        tp = hints[key]
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if dataclasses.is_dataclass(tp) or inner:
+            check_keys(tp if dataclasses.is_dataclass(tp) else inner[0], value, f"{prefix}.{key}")
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, recursively for nested mappings (lists and scalars are replaced)."""
+    out = dict(base)
+    for key, value in (over or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def stages(config: dict, exp: str) -> list[str]:
+    """The training stages of an experiment, in chain order."""
+    listed = experiment_settings(config, exp).get("stages") or {}
+    unknown = [s for s in listed if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"config: experiment_settings.{exp}.stages.{unknown[0]}: unknown stage "
+                          f"(known: {', '.join(STAGES)})")
+    return [s for s in STAGES if s in listed]
+
+
+def seed_dir(config: dict, exp: str, seed: int) -> Path:
+    return results_dir(config) / exp / f"seed{seed}"
+
+
+def stage_dir(config: dict, exp: str, seed: int, stage: str) -> Path:
+    return seed_dir(config, exp, seed) / stage
+
+
+def _model_settings(config: dict, exp: str) -> dict:
+    settings = experiment_settings(config, exp)
+    model = dict(settings.get("model") or {})
+    model.setdefault("n_class", settings.get("n_class", 19))
+    return model
+
+
+def train_config(config: dict, exp: str, seed: int, stage: str) -> dict:
+    """The resolved ``cpsl train`` settings of one stage: ``train`` (shared) merged with ``stages.<stage>``,
+    the experiment's ``model``, the prepared data folders, and the stage/experiment/seed names."""
+    settings = experiment_settings(config, exp)
+    base = f"experiment_settings.{exp}"
+    check_keys(C.ModelConfig, settings.get("model"), f"{base}.model")
+    check_keys(C.TrainConfig, settings.get("train"), f"{base}.train")
+    check_keys(C.TrainConfig, settings["stages"][stage], f"{base}.stages.{stage}")
+    merged = deep_merge(settings.get("train") or {}, settings["stages"][stage] or {})
+    merged["model"] = deep_merge(_model_settings(config, exp), merged.get("model") or {})
+    data = dict(merged.get("data") or {})
+    if stage in ("source_only", "warmup"):
+        data["source"] = str(prepared_dir(config, exp, "source"))
+    if stage in ("warmup", "oracle") or data.get("lab_transfer"):
+        data["target"] = str(prepared_dir(config, exp, "target_train"))
+    merged.update(stage=stage, experiment=exp, seed=seed, data=data)
+    return C.to_dict(C.load(C.TrainConfig, merged, f"{base}.stages.{stage}"))
+
+
+def inference_config(config: dict, exp: str, seed: int, step: str, stage: str, role: str, **extra: Any) -> dict:
+    """Resolved settings of an inference step (evaluate, pseudo-soft, ...) on a stage's final checkpoint."""
+    classes = {"evaluate": C.EvaluateConfig, "pseudo_soft": C.PseudoSoftConfig, "prototypes": C.PrototypesConfig,
+               "class_dist": C.ClassDistConfig, "pseudo_hard": C.PseudoHardConfig}
+    settings = experiment_settings(config, exp)
+    key = f"experiment_settings.{exp}.inference"
+    check_keys(C.InferenceSettings, settings.get("inference"), key)
+    raw = dict(settings.get("inference") or {})
+    raw.update(checkpoint=str(stage_dir(config, exp, seed, stage) / "checkpoint.pt"),
+               data=str(prepared_dir(config, exp, role)), **extra)
+    if step == "evaluate":
+        raw.update(stage=stage, experiment=exp, seed=seed)
+    return C.to_dict(C.load(classes[step], raw, key))
+
+
+def evaluations(config: dict, exp: str) -> list[tuple[str, str]]:
+    """(stage, dataset role) pairs to evaluate: every stage on target val, and source_only also on the source
+    held-out split when there is one (the domain gap)."""
+    pairs = [(stage, "target_val") for stage in stages(config, exp)]
+    if "source_only" in stages(config, exp) and "source_val" in dataset_roles(config, exp):
+        pairs.append(("source_only", "source_val"))
+    return pairs
+
+
+def eval_dir(config: dict, exp: str, seed: int, stage: str, role: str) -> Path:
+    """metrics.json of a stage on target val sits in the stage's folder (interfaces.md); other splits in
+    ``<stage>/eval_<role>/``."""
+    sdir = stage_dir(config, exp, seed, stage)
+    return sdir if role == "target_val" else sdir / f"eval_{role}"
+
+
 def write_step_config(path: str | Path, resolved: dict) -> Path:
     """Write a resolved step config (only when it changed, so unchanged steps are not rerun)."""
     write_if_changed(path, dump_yaml(resolved))
@@ -141,15 +255,37 @@ def step_config_files(config: dict) -> dict[str, Path]:
         for role in dataset_roles(config, exp):
             files[f"{exp}/prepare_{role}"] = write_step_config(cdir / f"prepare_{role}.yaml",
                                                                prepare_config(config, exp, role))
+        for seed in seeds(config, exp):
+            sdir = seed_dir(config, exp, seed) / "configs"
+            tag = f"{exp}/seed{seed}"
+            for stage in stages(config, exp):
+                files[f"{tag}/train_{stage}"] = write_step_config(
+                    sdir / f"train_{stage}.yaml", train_config(config, exp, seed, stage))
+            for stage, role in evaluations(config, exp):
+                files[f"{tag}/evaluate_{stage}_{role}"] = write_step_config(
+                    sdir / f"evaluate_{stage}_{role}.yaml",
+                    inference_config(config, exp, seed, "evaluate", stage, role))
+            if "warmup" in stages(config, exp):
+                for step in WARMUP_PRODUCTS:
+                    files[f"{tag}/{step}_warmup"] = write_step_config(
+                        sdir / f"{step}_warmup.yaml",
+                        inference_config(config, exp, seed, step, "warmup", "target_train"))
     return files
 
 
 def final_targets(config: dict) -> list[str]:
-    """What `snakemake` builds by default: every prepared dataset of the selected experiments."""
+    """What `snakemake` builds by default: every prepared dataset, every stage's metrics, and the warm-up
+    products that stage 1 consumes, for every selected experiment and seed."""
     targets = []
     for exp in selected_experiments(config):
         for role in dataset_roles(config, exp):
             targets.append(str(prepared_dir(config, exp, role)))
+        for seed in seeds(config, exp):
+            for stage, role in evaluations(config, exp):
+                targets.append(str(eval_dir(config, exp, seed, stage, role) / "metrics.json"))
+            if "warmup" in stages(config, exp):
+                for step in WARMUP_PRODUCTS:
+                    targets.append(str(stage_dir(config, exp, seed, "warmup") / step))
     return targets
 
 

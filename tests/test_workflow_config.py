@@ -78,8 +78,12 @@ def test_range_errors_from_typed_settings_name_the_key(shipped, tmp_path):
 def test_resolution_writes_step_configs_only_when_changed(shipped, tmp_path):
     shipped["results_dir"] = str(tmp_path / "results")
     files = W.step_config_files(shipped)
-    assert sorted(files) == ["demo/prepare_source", "demo/prepare_source_val", "demo/prepare_target_train",
-                             "demo/prepare_target_val", "demo/synth"]
+    assert sorted(files) == [
+        "demo/prepare_source", "demo/prepare_source_val", "demo/prepare_target_train", "demo/prepare_target_val",
+        "demo/seed0/class_dist_warmup", "demo/seed0/evaluate_oracle_target_val",
+        "demo/seed0/evaluate_source_only_source_val", "demo/seed0/evaluate_source_only_target_val",
+        "demo/seed0/evaluate_warmup_target_val", "demo/seed0/prototypes_warmup", "demo/seed0/pseudo_soft_warmup",
+        "demo/seed0/train_oracle", "demo/seed0/train_source_only", "demo/seed0/train_warmup", "demo/synth"]
     prep = yaml.safe_load(files["demo/prepare_target_val"].read_text())
     assert prep["dataset"] == {"format": "cityscapes", "root": str(tmp_path / "results/demo/synth/cityscapes"),
                                "split": "val", "n_class": 19, "allow_skip": False, "expected_size": None,
@@ -94,3 +98,46 @@ def test_resolution_writes_step_configs_only_when_changed(shipped, tmp_path):
     assert yaml.safe_load(synth.read_text())["seed"] == 7
     # the prepare configs did not change, so they keep their content
     assert yaml.safe_load(files["demo/prepare_target_val"].read_text()) == prep
+
+
+def test_train_configs_merge_shared_and_stage_settings(shipped, tmp_path):
+    shipped["results_dir"] = str(tmp_path / "results")
+    demo = shipped["experiment_settings"]["demo"]
+    demo["train"]["optim"] = {"lr": 0.02, "head_lr_mult": 1.0}
+    demo["stages"]["warmup"] = {"max_iters": 7, "optim": {"lr": 0.005}}
+    files = W.step_config_files(shipped)
+    warm = yaml.safe_load(files["demo/seed0/train_warmup"].read_text())
+    assert warm["stage"] == "warmup" and warm["max_iters"] == 7 and warm["seed"] == 0
+    assert warm["optim"]["lr"] == 0.005 and warm["optim"]["head_lr_mult"] == 1.0   # stage over shared
+    assert warm["data"]["source"] == str(tmp_path / "results/demo/data/source")
+    assert warm["data"]["target"] == str(tmp_path / "results/demo/data/target_train")
+    assert warm["model"]["backbone"] == demo["model"]["backbone"] and warm["model"]["n_class"] == 19
+    oracle = yaml.safe_load(files["demo/seed0/train_oracle"].read_text())
+    assert oracle["data"]["source"] is None and oracle["optim"]["lr"] == 0.02
+    ev = yaml.safe_load(files["demo/seed0/evaluate_source_only_source_val"].read_text())
+    assert ev["data"] == str(tmp_path / "results/demo/data/source_val")
+    assert ev["checkpoint"] == str(tmp_path / "results/demo/seed0/source_only/checkpoint.pt")
+    assert (ev["stage"], ev["experiment"], ev["seed"]) == ("source_only", "demo", 0)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["train"].update(max_iter=5),
+         "config: experiment_settings.demo.train.max_iter: unknown setting (did you mean 'max_iters'?)"),
+        (lambda d: d["stages"]["warmup"].update(optim={"lrr": 1}),
+         "config: experiment_settings.demo.stages.warmup.optim.lrr: unknown setting (did you mean 'lr'?)"),
+        (lambda d: d["model"].update(backbone="vgg16"),
+         "experiment_settings.demo.stages.source_only.model.backbone: 'vgg16' is not one of"),
+        (lambda d: d["stages"]["oracle"].update(max_iters=0),
+         "experiment_settings.demo.stages.oracle.max_iters: must be >= 1 (got 0)"),
+        (lambda d: d["inference"].update(batch_size=0),
+         "experiment_settings.demo.inference.batch_size: must be >= 1 (got 0)"),
+    ],
+)
+def test_stage_setting_errors_name_the_key(shipped, tmp_path, edit, message):
+    shipped["results_dir"] = str(tmp_path / "results")
+    edit(shipped["experiment_settings"]["demo"])
+    with pytest.raises(ConfigError) as err:
+        W.step_config_files(shipped)
+    assert str(err.value).startswith(message)

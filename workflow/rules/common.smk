@@ -21,6 +21,7 @@ CPSL = f"{shlex.quote(sys.executable)} -m cpsl"
 EXPERIMENTS = W.selected_experiments(config)
 
 
-def step_config(exp, step):
+def step_config(exp, step, seed=None):
     """The resolved config file of one step (an input of its rule, so a changed setting reruns it)."""
-    return STEP_CONFIGS[f"{exp}/{step}"]
+    tag = f"{exp}/{step}" if seed is None else f"{exp}/seed{seed}/{step}"
+    return STEP_CONFIGS[tag]

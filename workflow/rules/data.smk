@@ -13,7 +13,7 @@ rule synth:
         RESULTS / "{exp}" / "benchmarks" / "synth.tsv"
     threads: 2
     shell:
-        "{CPSL} synth --config {input.config:q} --out {output:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} {CPSL} synth --config {input.config:q} --out {output:q} > {log:q} 2>&1"
 
 
 def prepare_inputs(wc):
@@ -37,4 +37,4 @@ rule prepare:
         role="|".join(W.DATASET_ROLES),
     threads: 2
     shell:
-        "{CPSL} prepare --config {input.config:q} --out {output:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} {CPSL} prepare --config {input.config:q} --out {output:q} > {log:q} 2>&1"

@@ -1,0 +1,291 @@
+"""The one training loop of every stage: iteration-based, resumable, CPU / one GPU / DDP with the same code.
+
+``train(cfg, out)`` runs ``cfg.max_iters`` iterations of the stage's method (``cpsl.methods``)::
+
+    for iteration in range(start, max_iters):
+        batch  = next batch of every domain the method needs      (cpsl.train.data: deterministic, endless)
+        losses = method.step(batch)                                (forward, backward, optimizer steps)
+        amp.update(); every scheduler steps once
+        losses averaged over the processes; NaN/Inf -> TrainingError (the last checkpoint is kept)
+        metrics.jsonl line every log_interval; out/checkpoints/last.pt every checkpoint_interval
+
+Outputs in ``out`` (written by rank 0 only)::
+
+    checkpoints/last.pt   resumable state (networks, optimizers, schedulers, grad scaler, iteration, RNG states
+                          of every rank, config, seed); removed once the final checkpoint is written
+    checkpoint.pt         the final model (networks only, ``iteration`` = max_iters, config, seed)
+    metrics.jsonl         one JSON object per log line: iteration, loss/<name> (mean over the last
+                          log_interval iterations), lr/<group> (the rate used by that iteration), time_iter,
+                          time_data (seconds per iteration), samples_per_s
+    train_summary.json    stage, iterations, final losses, mean time per iteration, device, world size
+
+Resume: if ``checkpoints/last.pt`` exists, training continues from it. The data order and augmentation are a
+pure function of (seed, iteration, slot) and every RNG state is restored, so on the CPU the final weights equal
+those of an uninterrupted run. The checkpoint's config must match (except workers, intervals, device).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from cpsl.config import TrainConfig, to_dict
+from cpsl.errors import CheckpointError, ConfigError, CpslError
+from cpsl.methods import Amp, Method, TrainContext, build_method
+from cpsl.models.checkpoint import (capture_rng_state, load_checkpoint, make_checkpoint, restore_rng_state,
+                                    save_checkpoint)
+from cpsl.provenance import atomic_write_text
+from cpsl.train import dist as D
+from cpsl.train.data import _seed_int, build_datasets, build_loaders
+
+LAST = Path("checkpoints") / "last.pt"
+FINAL = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "train_summary.json"
+# Settings that may change between a killed run and its resumption without changing the result.
+RESUME_FREE_KEYS = ("data.workers", "log_interval", "checkpoint_interval", "device")
+
+
+class TrainingError(CpslError):
+    """Training cannot continue (e.g. a NaN/Inf loss); the message names the iteration and the loss term."""
+
+
+def _say(info: D.DistInfo, msg: str) -> None:
+    if info.is_main:
+        print(f"cpsl train: {msg}", file=sys.stderr, flush=True)
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume_config(state: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    """Raise CheckpointError if ``path`` was written by a run with different settings."""
+    old, new = _flatten(state.get("config") or {}), _flatten(to_dict(cfg))
+    for key in sorted(set(old) | set(new)):
+        if key in RESUME_FREE_KEYS or old.get(key) == new.get(key):
+            continue
+        raise CheckpointError(f"{path}: written by a run with different settings ({key}: {old.get(key)!r} there, "
+                              f"{new.get(key)!r} now); delete {path.parent} to start over")
+
+
+def reduce_losses(losses: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Mean of each loss over the processes (identity on one process); same key order on every rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(losses)
+    keys = sorted(losses)
+    t = torch.tensor([losses[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG states (rank order); a one-element list on one process."""
+    own = capture_rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [own]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, own)
+    return states
+
+
+class MetricsLog:
+    """``metrics.jsonl``, appended and flushed line by line (rank 0); lines past ``start`` are dropped on
+    resume, so a resumed run's file reads as if it had never been interrupted."""
+
+    def __init__(self, path: Path, start: int) -> None:
+        self.path = path
+        kept = []
+        if start > 0 and path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("iteration", math.inf) <= start:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    break  # a line cut by the kill
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self.fh = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class _Window:
+    """Running means of the losses and timings since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = 0
+        self.sums: dict[str, float] = defaultdict(float)
+
+    def add(self, losses: dict[str, float], t_iter: float, t_data: float) -> None:
+        self.n += 1
+        for k, v in losses.items():
+            self.sums[f"loss/{k}"] += v
+        self.sums["time_iter"] += t_iter
+        self.sums["time_data"] += t_data
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.n, 1) for k, v in self.sums.items()}
+
+
+def _resumable_state(method: Method, cfg: TrainConfig, iteration: int, amp: Amp,
+                     rng_states: list[dict[str, Any]]) -> dict[str, Any]:
+    """The resumable checkpoint (``checkpoints/last.pt``) after ``iteration`` finished iterations."""
+    parts = {k: v for k, v in method.state_dict(full=True).items() if k != "model"}
+    return make_checkpoint(method.student, cfg.model, iteration=iteration, rng=rng_states[0],
+                           config=to_dict(cfg), seed=cfg.seed,
+                           extra={"stage": cfg.stage, "grad_scaler": amp.state_dict(),
+                                  "rng_per_rank": rng_states, "batch_size": cfg.data.batch_size},
+                           **parts)
+
+
+def train(cfg: TrainConfig, out: str | Path) -> dict[str, Any]:
+    """Run (or resume) the training stage ``cfg.stage`` into ``out``; returns the summary dict.
+
+    Under torchrun every rank calls this; they join the process group here and leave it at the end.
+    """
+    out = Path(out)
+    info = D.setup(cfg.device)
+    try:
+        return _train(cfg, out, info)
+    finally:
+        D.cleanup()
+
+
+def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
+    if cfg.data.batch_size % info.world_size:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by the {info.world_size} "
+                          "processes")
+    if cfg.amp != "off" and info.device.type != "cuda":
+        _say(info, f"amp: {cfg.amp!r} applies on CUDA only; running in float32 on {info.device}")
+    D.seed_everything(cfg.seed)
+    amp = Amp(cfg.amp, info.device)
+    ctx = TrainContext(info.device, info, amp)
+    method = build_method(cfg, ctx)
+
+    last_path, start, state = out / LAST, 0, None
+    if last_path.is_file():
+        state = load_checkpoint(last_path)
+        check_resume_config(state, cfg, last_path)
+        method.load_state_dict(state, last_path)
+        amp.load_state_dict(state.get("extra", {}).get("grad_scaler", {}))
+        start = int(state["iteration"])
+        _say(info, f"resuming from {last_path} at iteration {start}")
+    last_saved = start if state is not None else None
+
+    datasets = build_datasets(cfg, method.domains, cfg.model.n_class)
+    loaders = build_loaders(cfg, datasets, rank=info.rank, world_size=info.world_size, start_iter=start,
+                            pin_memory=info.device.type == "cuda")
+    if state is not None:
+        per_rank = state.get("extra", {}).get("rng_per_rank") or []
+        restore_rng_state(per_rank[info.rank] if len(per_rank) == info.world_size else state["rng"])
+    else:  # dropout etc.: a stream per rank, independent of the one that initialised the networks
+        D.seed_everything(_seed_int(cfg.seed, info.rank, 3))
+    iters = {domain: iter(loader) for domain, loader in loaders.items()}
+
+    log = MetricsLog(out / METRICS, start) if info.is_main else None
+    window = _Window()
+    last_losses: dict[str, float] = {}
+    per_iter: list[float] = []
+    t_start = time.perf_counter()
+    bar = tqdm(total=cfg.max_iters, initial=start, desc=cfg.stage, file=sys.stderr, disable=not info.is_main,
+               dynamic_ncols=True, mininterval=1.0)
+    try:
+        for it in range(start, cfg.max_iters):
+            done = it + 1
+            t0 = time.perf_counter()
+            batch = {domain: to_device(next(loader_it), info.device) for domain, loader_it in iters.items()}
+            t_data = time.perf_counter() - t0
+            lrs = method.lrs()
+            method.train_mode()
+            losses = method.step(batch)
+            amp.update()
+            for sched in method.schedulers.values():
+                sched.step()
+            losses = reduce_losses(losses, info.device)
+            bad = [k for k, v in losses.items() if not math.isfinite(v)]
+            if bad:
+                where = (f"the last good checkpoint is {last_path} (iteration {last_saved})" if last_saved is not None
+                         else "no checkpoint had been written yet")
+                raise TrainingError(f"iteration {done}: loss {bad[0]!r} is {losses[bad[0]]}; training stopped, "
+                                    f"{where}")
+            t_iter = time.perf_counter() - t0
+            per_iter.append(t_iter)
+            window.add(losses, t_iter, t_data)
+            last_losses = losses
+            bar.update(1)
+            if done % cfg.log_interval == 0 or done == cfg.max_iters:
+                means = window.means()
+                if log is not None:
+                    record = {"iteration": done, **{k: v for k, v in means.items() if k.startswith("loss/")},
+                              **{f"lr/{k}": v for k, v in lrs.items()},
+                              "time_iter": means["time_iter"], "time_data": means["time_data"],
+                              "samples_per_s": cfg.data.batch_size / max(means["time_iter"], 1e-9)}
+                    log.write(record)
+                bar.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in means.items()
+                                 if k.startswith("loss/")}, refresh=False)
+                window.reset()
+            if done % cfg.checkpoint_interval == 0 and done < cfg.max_iters:
+                rng_states = gather_rng_states()
+                if info.is_main:
+                    save_checkpoint(last_path, _resumable_state(method, cfg, done, amp, rng_states))
+                last_saved = done
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        del iters  # stops the DataLoader workers
+
+    summary = {"stage": cfg.stage, "iterations": cfg.max_iters, "resumed_from": start,
+               "final_losses": last_losses, "time_per_iter": float(np.mean(per_iter)) if per_iter else None,
+               "wall_time_s": time.perf_counter() - t_start, "device": str(info.device),
+               "world_size": info.world_size, "global_batch": cfg.data.batch_size}
+    if info.is_main:
+        final = make_checkpoint(method.student, cfg.model, iteration=cfg.max_iters, config=to_dict(cfg),
+                                seed=cfg.seed, rng=capture_rng_state(), extra={"stage": cfg.stage},
+                                **{k: v for k, v in method.state_dict(full=False).items() if k != "model"})
+        save_checkpoint(out / FINAL, final)
+        last_path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            last_path.parent.rmdir()  # only if empty
+        atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    D.barrier()
+    return summary

@@ -1,0 +1,101 @@
+# Training stages and the inference steps on their checkpoints.
+
+STAGE_RE = "|".join(W.STAGES)
+
+
+def train_inputs(wc):
+    inputs = {"config": step_config(wc.exp, f"train_{wc.stage}", wc.seed)}
+    if wc.stage in ("source_only", "warmup"):
+        inputs["source"] = W.prepared_dir(config, wc.exp, "source")
+    if wc.stage in ("warmup", "oracle"):
+        inputs["target"] = W.prepared_dir(config, wc.exp, "target_train")
+    return inputs
+
+
+rule train:
+    """Train one stage. A killed job resumes from <stage>/checkpoints/last.pt when the workflow is rerun."""
+    input:
+        unpack(train_inputs),
+    output:
+        RESULTS / "{exp}" / "seed{seed}" / "{stage}" / "checkpoint.pt",
+    log:
+        RESULTS / "{exp}" / "logs" / "seed{seed}" / "train_{stage}.log",
+    benchmark:
+        RESULTS / "{exp}" / "benchmarks" / "seed{seed}" / "train_{stage}.tsv"
+    wildcard_constraints:
+        stage=STAGE_RE,
+        seed=r"\d+",
+    threads: 2
+    params:
+        out=lambda wc, output: str(Path(output[0]).parent),
+    shell:
+        "OMP_NUM_THREADS={threads} {CPSL} train --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"
+
+
+rule evaluate:
+    """mIoU of a stage's final checkpoint on target val: <stage>/metrics.json."""
+    input:
+        config=lambda wc: step_config(wc.exp, f"evaluate_{wc.stage}_target_val", wc.seed),
+        checkpoint=RESULTS / "{exp}" / "seed{seed}" / "{stage}" / "checkpoint.pt",
+        data=lambda wc: W.prepared_dir(config, wc.exp, "target_val"),
+    output:
+        RESULTS / "{exp}" / "seed{seed}" / "{stage}" / "metrics.json",
+    log:
+        RESULTS / "{exp}" / "logs" / "seed{seed}" / "evaluate_{stage}.log",
+    benchmark:
+        RESULTS / "{exp}" / "benchmarks" / "seed{seed}" / "evaluate_{stage}.tsv"
+    wildcard_constraints:
+        stage=STAGE_RE,
+        seed=r"\d+",
+    threads: 2
+    params:
+        out=lambda wc, output: str(Path(output[0]).parent),
+    shell:
+        "OMP_NUM_THREADS={threads} {CPSL} evaluate --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"
+
+
+rule evaluate_split:
+    """mIoU of a stage on another prepared split (source_only on the source held-out split: the domain gap)."""
+    input:
+        config=lambda wc: step_config(wc.exp, f"evaluate_{wc.stage}_{wc.role}", wc.seed),
+        checkpoint=RESULTS / "{exp}" / "seed{seed}" / "{stage}" / "checkpoint.pt",
+        data=lambda wc: W.prepared_dir(config, wc.exp, wc.role),
+    output:
+        RESULTS / "{exp}" / "seed{seed}" / "{stage}" / "eval_{role}" / "metrics.json",
+    log:
+        RESULTS / "{exp}" / "logs" / "seed{seed}" / "evaluate_{stage}_{role}.log",
+    benchmark:
+        RESULTS / "{exp}" / "benchmarks" / "seed{seed}" / "evaluate_{stage}_{role}.tsv"
+    wildcard_constraints:
+        stage=STAGE_RE,
+        seed=r"\d+",
+        role="|".join(W.DATASET_ROLES),
+    threads: 2
+    params:
+        out=lambda wc, output: str(Path(output[0]).parent),
+    shell:
+        "OMP_NUM_THREADS={threads} {CPSL} evaluate --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"
+
+
+rule warmup_product:
+    """What stage 1 consumes from the warm-up model, over target train: soft pseudo labels (pseudo-soft),
+    initial prototypes (prototypes) and the predicted class distribution (class-dist)."""
+    input:
+        config=lambda wc: step_config(wc.exp, f"{wc.product}_{wc.stage}", wc.seed),
+        checkpoint=RESULTS / "{exp}" / "seed{seed}" / "{stage}" / "checkpoint.pt",
+        data=lambda wc: W.prepared_dir(config, wc.exp, "target_train"),
+    output:
+        directory(RESULTS / "{exp}" / "seed{seed}" / "{stage}" / "{product}"),
+    log:
+        RESULTS / "{exp}" / "logs" / "seed{seed}" / "{product}_{stage}.log",
+    benchmark:
+        RESULTS / "{exp}" / "benchmarks" / "seed{seed}" / "{product}_{stage}.tsv"
+    wildcard_constraints:
+        stage="warmup",
+        seed=r"\d+",
+        product="|".join(W.WARMUP_PRODUCTS),
+    threads: 2
+    params:
+        step=lambda wc: wc.product.replace("_", "-"),
+    shell:
+        "OMP_NUM_THREADS={threads} {CPSL} {params.step} --config {input.config:q} --out {output:q} > {log:q} 2>&1"
