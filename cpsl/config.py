@@ -367,7 +367,7 @@ class ClassDistConfig(InferenceSettings):
 # ---------------------------------------------------------------------------------------------------------
 # Training (cpsl train): source_only, warmup, oracle; later stages add their own sections
 
-TRAIN_STAGES = ("source_only", "warmup", "oracle")
+TRAIN_STAGES = ("source_only", "warmup", "oracle", "stage1", "stage2", "stage3")
 
 
 @dataclass
@@ -456,6 +456,82 @@ class WarmupConfig:
 
 
 @dataclass
+class SelfLabelConfig:
+    """Stage 1, CPSL self-labeling (spec 3.5). Defaults are the reference's values.
+
+    Inputs from the warm-up model (explicit paths, filled in by the workflow): ``soft_labels`` (a
+    ``cpsl pseudo-soft`` folder), ``prototypes`` (``prototypes.pt`` of ``cpsl prototypes``), ``class_dist``
+    (``class_distribution.npy`` of ``cpsl class-dist``). The student starts from ``init_checkpoint`` (the
+    warm-up model). Reference-behaviour switches (spec 7), all off by default (the corrected behaviour):
+    ``ema_mode: train`` (item 6: the EMA network labels in train mode), ``reference_queue_labels`` (item 3:
+    queue and contrastive labels misaligned with their pixels), ``reference_queue_scores`` (item 4:
+    unnormalised prototypes in the queue scores).
+    """
+
+    soft_labels: Path | None = None
+    prototypes: Path | None = None
+    class_dist: Path | None = None
+    tau: float = 0.08                 # temperature of prototype similarities
+    epsilon: float = 0.05             # Sinkhorn entropic regularisation
+    sinkhorn_iters: int = 3
+    pixels_per_image: int = 256       # pixels sampled per image for the queues (reference fbs)
+    queue_length: int = 65536
+    sl_weight: float = 0.1            # class-balanced self-labeling loss (reference SL_lambda)
+    contrast_weight: float = 0.001    # pixel contrastive loss
+    consist_weight: float = 5.0       # prototype consistency on the strong view (reference proto_consistW)
+    sce: bool = True                  # symmetric cross entropy on the rectified labels (reference --rce)
+    sce_alpha: float = 0.1
+    sce_beta: float = 1.0
+    cutmix_p: float = 0.5             # source-to-target CutMix probability
+    ema_momentum: float = 0.999       # EMA of the student's weights and of the prototypes
+    ema_mode: Literal["eval", "train"] = "eval"
+    proto_lr_mult: float = 5.0        # learnable prototypes' learning rate = optim.lr * proto_lr_mult
+    train_threshold: float = 0.0      # rectified labels below this normalised confidence -> ignore
+    reference_queue_labels: bool = False
+    reference_queue_scores: bool = False
+
+    def validate(self, prefix: str = "") -> None:
+        for name in ("tau", "epsilon"):
+            _check(getattr(self, name) > 0, _join(prefix, name), f"must be > 0 (got {getattr(self, name)})")
+        for name in ("sinkhorn_iters", "pixels_per_image"):
+            _check(getattr(self, name) >= 1, _join(prefix, name), f"must be >= 1 (got {getattr(self, name)})")
+        _check(self.queue_length >= self.pixels_per_image and self.queue_length % self.pixels_per_image == 0,
+               _join(prefix, "queue_length"),
+               f"must be a multiple of pixels_per_image ({self.pixels_per_image}) (got {self.queue_length})")
+        for name in ("sl_weight", "contrast_weight", "consist_weight", "sce_alpha", "sce_beta", "proto_lr_mult"):
+            _check(getattr(self, name) >= 0, _join(prefix, name), f"must be >= 0 (got {getattr(self, name)})")
+        for name in ("cutmix_p", "ema_momentum", "train_threshold"):
+            _check(0.0 <= getattr(self, name) <= 1.0, _join(prefix, name),
+                   f"must be in [0, 1] (got {getattr(self, name)})")
+
+
+@dataclass
+class DistillConfig:
+    """Stages 2 and 3, knowledge distillation (spec 3.6). Defaults are the reference's values except the KD term.
+
+    ``hard_labels``: a ``cpsl pseudo-hard`` folder made by the previous stage's model; pixels with confidence
+    <= ``threshold`` are ignored (applied when loading). ``teacher``: the previous stage's ``checkpoint.pt``,
+    run in eval mode; whether it has ``bn_pretrain`` is read from the checkpoint. The student starts from
+    ``model.init`` (stage 2: SimCLRv2 weights with ``model.bn_pretrain``, new head) or from
+    ``init_checkpoint`` (stage 3: the stage-2 model). ``kd_mode``: ``kl`` = KL(teacher || student) on
+    log-probabilities (correct); ``reference`` = the reference's ``kl_div(softmax, softmax)`` averaged over
+    classes and pixels (spec 7 item 2), used by the paper presets. ``strong_view``: the student sees the strong
+    view and the labels are warped into it (reference ``--S_pseudo 1``).
+    """
+
+    hard_labels: Path | None = None
+    teacher: Path | None = None
+    threshold: float = 0.95
+    kd_weight: float = 1.0
+    kd_mode: Literal["kl", "reference"] = "kl"
+    strong_view: bool = True
+
+    def validate(self, prefix: str = "") -> None:
+        _check(0.0 <= self.threshold < 1.0, _join(prefix, "threshold"), f"must be in [0, 1) (got {self.threshold})")
+        _check(self.kd_weight >= 0, _join(prefix, "kd_weight"), f"must be >= 0 (got {self.kd_weight})")
+
+
+@dataclass
 class TrainConfig:
     """Settings of ``cpsl train``: one training stage (``stage``), iteration-based, resumable.
 
@@ -466,7 +542,7 @@ class TrainConfig:
     (``out/checkpoints/last.pt``); ``log_interval``: iterations per line of ``out/metrics.jsonl``.
     """
 
-    stage: Literal["source_only", "warmup", "oracle"]
+    stage: Literal["source_only", "warmup", "oracle", "stage1", "stage2", "stage3"]
     max_iters: int
     data: TrainDataConfig
     experiment: str = "default"
@@ -475,6 +551,8 @@ class TrainConfig:
     init_checkpoint: Path | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    selflabel: SelfLabelConfig = field(default_factory=SelfLabelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     freeze_bn: bool = False
     checkpoint_interval: int = 1000
     log_interval: int = 10
@@ -487,8 +565,18 @@ class TrainConfig:
                f"must be >= 1 (got {self.checkpoint_interval})")
         _check(self.log_interval >= 1, _join(prefix, "log_interval"), f"must be >= 1 (got {self.log_interval})")
         _check(self.seed >= 0, _join(prefix, "seed"), f"must be >= 0 (got {self.seed})")
-        needs_source = self.stage in ("source_only", "warmup")
-        needs_target = self.stage in ("warmup", "oracle")
+        needs_source = self.stage in ("source_only", "warmup", "stage1", "stage2", "stage3")
+        needs_target = self.stage in ("warmup", "oracle", "stage1", "stage2", "stage3")
+        required = {"stage1": [("selflabel.soft_labels", self.selflabel.soft_labels),
+                               ("selflabel.prototypes", self.selflabel.prototypes),
+                               ("selflabel.class_dist", self.selflabel.class_dist),
+                               ("init_checkpoint", self.init_checkpoint)],
+                    "stage2": [("distill.hard_labels", self.distill.hard_labels),
+                               ("distill.teacher", self.distill.teacher)],
+                    "stage3": [("distill.hard_labels", self.distill.hard_labels),
+                               ("distill.teacher", self.distill.teacher)]}
+        for key, value in required.get(self.stage, []):
+            _check(value is not None, _join(prefix, key), f"required for stage {self.stage!r}")
         if needs_source:
             _check(self.data.source is not None, _join(prefix, "data.source"),
                    f"required for stage {self.stage!r} (a prepared source split)")
