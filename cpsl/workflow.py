@@ -23,9 +23,24 @@ from cpsl.provenance import dump_yaml, write_if_changed
 SYNTH_PREFIX = "@synth"
 DATASET_ROLES = ("source", "source_val", "target_train", "target_val")
 # Training stages in the order of the chain; an experiment runs those listed under its `stages`.
-STAGES = ("source_only", "warmup", "oracle")
-# Per-stage outputs of the warm-up model that stage 1 consumes.
-WARMUP_PRODUCTS = ("pseudo_soft", "prototypes", "class_dist")
+STAGES = ("source_only", "warmup", "oracle", "stage1", "stage2", "stage3")
+# Inference products made from a stage's final checkpoint over target train, and the file inside each product
+# folder that a consumer's config points at (None: the folder itself).
+PRODUCTS = {"pseudo_soft": None, "prototypes": "prototypes.pt", "class_dist": "class_distribution.npy",
+            "pseudo_hard": None}
+# What each stage consumes from earlier stages: TrainConfig key -> (stage, product); "checkpoint" is the
+# stage's final checkpoint.pt. A stage runs only if the stages it consumes are in the experiment too.
+STAGE_INPUTS: dict[str, dict[str, tuple[str, str]]] = {
+    "stage1": {"init_checkpoint": ("warmup", "checkpoint"),
+               "selflabel.soft_labels": ("warmup", "pseudo_soft"),
+               "selflabel.prototypes": ("warmup", "prototypes"),
+               "selflabel.class_dist": ("warmup", "class_dist")},
+    "stage2": {"distill.teacher": ("stage1", "checkpoint"),
+               "distill.hard_labels": ("stage1", "pseudo_hard")},
+    "stage3": {"init_checkpoint": ("stage2", "checkpoint"),
+               "distill.teacher": ("stage2", "checkpoint"),
+               "distill.hard_labels": ("stage2", "pseudo_hard")},
+}
 
 
 def _path_of(error: jsonschema.ValidationError) -> str:
@@ -168,7 +183,36 @@ def stages(config: dict, exp: str) -> list[str]:
     if unknown:
         raise ConfigError(f"config: experiment_settings.{exp}.stages.{unknown[0]}: unknown stage "
                           f"(known: {', '.join(STAGES)})")
-    return [s for s in STAGES if s in listed]
+    chosen = [s for s in STAGES if s in listed]
+    for stage in chosen:
+        for key, (needed, _) in STAGE_INPUTS.get(stage, {}).items():
+            if needed not in chosen:
+                raise ConfigError(f"config: experiment_settings.{exp}.stages.{stage}: needs stage {needed!r} "
+                                  f"(for {key}), which is not in the experiment's stages")
+    return chosen
+
+
+def product_path(config: dict, exp: str, seed: int, stage: str, product: str) -> Path:
+    """The folder of an inference product of ``stage`` (or its final checkpoint for ``"checkpoint"``)."""
+    sdir = stage_dir(config, exp, seed, stage)
+    return sdir / "checkpoint.pt" if product == "checkpoint" else sdir / product
+
+
+def stage_input_files(config: dict, exp: str, seed: int, stage: str) -> dict[str, Path]:
+    """TrainConfig key -> the upstream file or folder it names (also the Snakemake inputs of the stage)."""
+    return {key: product_path(config, exp, seed, src, product)
+            for key, (src, product) in STAGE_INPUTS.get(stage, {}).items()}
+
+
+def products(config: dict, exp: str) -> list[tuple[str, str]]:
+    """(stage, product) pairs the experiment needs: what its stages consume, and the warm-up products (so
+    that a chain ending at the warm-up still yields the stage-1 inputs)."""
+    chosen = stages(config, exp)
+    needed = [(src, prod) for st in chosen for src, prod in STAGE_INPUTS.get(st, {}).values()
+              if prod != "checkpoint"]
+    if "warmup" in chosen:
+        needed += [("warmup", p) for p in ("pseudo_soft", "prototypes", "class_dist")]
+    return list(dict.fromkeys(needed))
 
 
 def seed_dir(config: dict, exp: str, seed: int) -> Path:
@@ -197,11 +241,20 @@ def train_config(config: dict, exp: str, seed: int, stage: str) -> dict:
     merged = deep_merge(settings.get("train") or {}, settings["stages"][stage] or {})
     merged["model"] = deep_merge(_model_settings(config, exp), merged.get("model") or {})
     data = dict(merged.get("data") or {})
-    if stage in ("source_only", "warmup"):
+    if stage != "oracle":
         data["source"] = str(prepared_dir(config, exp, "source"))
-    if stage in ("warmup", "oracle") or data.get("lab_transfer"):
+    if stage != "source_only" or data.get("lab_transfer"):
         data["target"] = str(prepared_dir(config, exp, "target_train"))
     merged.update(stage=stage, experiment=exp, seed=seed, data=data)
+    for key, path in stage_input_files(config, exp, seed, stage).items():
+        src, product = STAGE_INPUTS[stage][key]
+        inner = PRODUCTS.get(product)
+        value = str(path / inner) if inner else str(path)
+        section, _, name = key.rpartition(".")
+        target = merged.setdefault(section, {}) if section else merged
+        if section:
+            merged[section] = target = dict(target)
+        target[name] = value
     return C.to_dict(C.load(C.TrainConfig, merged, f"{base}.stages.{stage}"))
 
 
@@ -265,17 +318,16 @@ def step_config_files(config: dict) -> dict[str, Path]:
                 files[f"{tag}/evaluate_{stage}_{role}"] = write_step_config(
                     sdir / f"evaluate_{stage}_{role}.yaml",
                     inference_config(config, exp, seed, "evaluate", stage, role))
-            if "warmup" in stages(config, exp):
-                for step in WARMUP_PRODUCTS:
-                    files[f"{tag}/{step}_warmup"] = write_step_config(
-                        sdir / f"{step}_warmup.yaml",
-                        inference_config(config, exp, seed, step, "warmup", "target_train"))
+            for stage, product in products(config, exp):
+                files[f"{tag}/{product}_{stage}"] = write_step_config(
+                    sdir / f"{product}_{stage}.yaml",
+                    inference_config(config, exp, seed, product, stage, "target_train"))
     return files
 
 
 def final_targets(config: dict) -> list[str]:
-    """What `snakemake` builds by default: every prepared dataset, every stage's metrics, and the warm-up
-    products that stage 1 consumes, for every selected experiment and seed."""
+    """What `snakemake` builds by default: every prepared dataset, every stage's metrics, and the inference
+    products the stages consume, for every selected experiment and seed."""
     targets = []
     for exp in selected_experiments(config):
         for role in dataset_roles(config, exp):
@@ -283,9 +335,8 @@ def final_targets(config: dict) -> list[str]:
         for seed in seeds(config, exp):
             for stage, role in evaluations(config, exp):
                 targets.append(str(eval_dir(config, exp, seed, stage, role) / "metrics.json"))
-            if "warmup" in stages(config, exp):
-                for step in WARMUP_PRODUCTS:
-                    targets.append(str(stage_dir(config, exp, seed, "warmup") / step))
+            for stage, product in products(config, exp):
+                targets.append(str(product_path(config, exp, seed, stage, product)))
     return targets
 
 

@@ -141,3 +141,25 @@ def test_stage_setting_errors_name_the_key(shipped, tmp_path, edit, message):
     with pytest.raises(ConfigError) as err:
         W.step_config_files(shipped)
     assert str(err.value).startswith(message)
+
+
+def test_later_stages_consume_earlier_products(shipped, tmp_path):
+    res = tmp_path / "results"
+    shipped["results_dir"] = str(res)
+    shipped["experiment_settings"]["demo"]["stages"].update(stage1={"max_iters": 5}, stage2={"max_iters": 5},
+                                                             stage3={"max_iters": 5})
+    files = W.step_config_files(shipped)
+    s1 = yaml.safe_load(files["demo/seed0/train_stage1"].read_text())
+    assert s1["init_checkpoint"] == str(res / "demo/seed0/warmup/checkpoint.pt")
+    assert s1["selflabel"]["soft_labels"] == str(res / "demo/seed0/warmup/pseudo_soft")
+    assert s1["selflabel"]["prototypes"] == str(res / "demo/seed0/warmup/prototypes/prototypes.pt")
+    assert s1["selflabel"]["class_dist"] == str(res / "demo/seed0/warmup/class_dist/class_distribution.npy")
+    s3 = yaml.safe_load(files["demo/seed0/train_stage3"].read_text())
+    assert s3["init_checkpoint"] == s3["distill"]["teacher"] == str(res / "demo/seed0/stage2/checkpoint.pt")
+    assert s3["distill"]["hard_labels"] == str(res / "demo/seed0/stage2/pseudo_hard")
+    assert W.products(shipped, "demo") == [("warmup", "pseudo_soft"), ("warmup", "prototypes"),
+                                           ("warmup", "class_dist"), ("stage1", "pseudo_hard"),
+                                           ("stage2", "pseudo_hard")]
+    del shipped["experiment_settings"]["demo"]["stages"]["stage1"]
+    with pytest.raises(ConfigError, match=r"^config: experiment_settings\.demo\.stages\.stage2: needs stage 'stage1'"):
+        W.step_config_files(shipped)

@@ -4,11 +4,14 @@ STAGE_RE = "|".join(W.STAGES)
 
 
 def train_inputs(wc):
+    """The stage's resolved config, the prepared splits it reads and what it consumes from earlier stages."""
     inputs = {"config": step_config(wc.exp, f"train_{wc.stage}", wc.seed)}
-    if wc.stage in ("source_only", "warmup"):
+    if wc.stage != "oracle":
         inputs["source"] = W.prepared_dir(config, wc.exp, "source")
-    if wc.stage in ("warmup", "oracle"):
+    if wc.stage != "source_only":
         inputs["target"] = W.prepared_dir(config, wc.exp, "target_train")
+    for key, path in W.stage_input_files(config, wc.exp, int(wc.seed), wc.stage).items():
+        inputs[key.replace(".", "_")] = path
     return inputs
 
 
@@ -77,9 +80,10 @@ rule evaluate_split:
         "OMP_NUM_THREADS={threads} {CPSL} evaluate --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"
 
 
-rule warmup_product:
-    """What stage 1 consumes from the warm-up model, over target train: soft pseudo labels (pseudo-soft),
-    initial prototypes (prototypes) and the predicted class distribution (class-dist)."""
+rule stage_product:
+    """What a stage consumes from an earlier stage's model, over target train: soft pseudo labels
+    (pseudo-soft), initial prototypes (prototypes) and the predicted class distribution (class-dist) of the
+    warm-up model for stage 1; hard pseudo labels (pseudo-hard) of stages 1 and 2 for stages 2 and 3."""
     input:
         config=lambda wc: step_config(wc.exp, f"{wc.product}_{wc.stage}", wc.seed),
         checkpoint=RESULTS / "{exp}" / "seed{seed}" / "{stage}" / "checkpoint.pt",
@@ -91,9 +95,9 @@ rule warmup_product:
     benchmark:
         RESULTS / "{exp}" / "benchmarks" / "seed{seed}" / "{product}_{stage}.tsv"
     wildcard_constraints:
-        stage="warmup",
+        stage=STAGE_RE,
         seed=r"\d+",
-        product="|".join(W.WARMUP_PRODUCTS),
+        product="|".join(W.PRODUCTS),
     threads: 2
     params:
         step=lambda wc: wc.product.replace("_", "-"),
