@@ -49,6 +49,8 @@ STEPS: tuple[Step, ...] = (
          "PseudoHardConfig", "cpsl.steps.pseudo_hard:run"),
     Step("evaluate", "mIoU of a checkpoint on a prepared split; writes metrics.json",
          "EvaluateConfig", "cpsl.steps.evaluate:run", record_as="evaluate_"),
+    Step("collect", "results table (summary.csv, summary.md) and plots from every stage's metrics.json",
+         "CollectConfig", "cpsl.steps.collect:run", record_as="collect_"),
     Step("train", "train one stage (source_only, warmup, oracle; the stage is in the config); resumes after a kill",
          "TrainConfig", "cpsl.steps.train:run"),
 )

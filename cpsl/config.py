@@ -516,7 +516,9 @@ class DistillConfig:
     ``init_checkpoint`` (stage 3: the stage-2 model). ``kd_mode``: ``kl`` = KL(teacher || student) on
     log-probabilities (correct); ``reference`` = the reference's ``kl_div(softmax, softmax)`` averaged over
     classes and pixels (spec 7 item 2), used by the paper presets. ``strong_view``: the student sees the strong
-    view and the labels are warped into it (reference ``--S_pseudo 1``).
+    view and the labels are warped into it (reference ``--S_pseudo 1``). ``label_stride``: the pseudo-label CE
+    and the KD term are computed at 1/``label_stride`` of the crop (4 = the reference's 128x224 for a 512x896
+    crop; 1 = the full crop). See ``cpsl.methods.distill``.
     """
 
     hard_labels: Path | None = None
@@ -525,10 +527,12 @@ class DistillConfig:
     kd_weight: float = 1.0
     kd_mode: Literal["kl", "reference"] = "kl"
     strong_view: bool = True
+    label_stride: int = 4
 
     def validate(self, prefix: str = "") -> None:
         _check(0.0 <= self.threshold < 1.0, _join(prefix, "threshold"), f"must be in [0, 1) (got {self.threshold})")
         _check(self.kd_weight >= 0, _join(prefix, "kd_weight"), f"must be >= 0 (got {self.kd_weight})")
+        _check(self.label_stride >= 1, _join(prefix, "label_stride"), f"must be >= 1 (got {self.label_stride})")
 
 
 @dataclass
@@ -574,7 +578,8 @@ class TrainConfig:
                     "stage2": [("distill.hard_labels", self.distill.hard_labels),
                                ("distill.teacher", self.distill.teacher)],
                     "stage3": [("distill.hard_labels", self.distill.hard_labels),
-                               ("distill.teacher", self.distill.teacher)]}
+                               ("distill.teacher", self.distill.teacher),
+                               ("init_checkpoint", self.init_checkpoint)]}
         for key, value in required.get(self.stage, []):
             _check(value is not None, _join(prefix, key), f"required for stage {self.stage!r}")
         if needs_source:
@@ -586,3 +591,11 @@ class TrainConfig:
         if self.data.lab_transfer:
             _check(needs_source and self.data.target is not None, _join(prefix, "data.lab_transfer"),
                    "needs data.source and data.target (the target's lab_stats are the colour references)")
+
+
+@dataclass
+class CollectConfig:
+    """Settings of ``cpsl collect``: the metrics.json files to tabulate (summary.csv, summary.md) and plot."""
+
+    metrics: list[Path] = field(default_factory=list)
+    plots: bool = True

@@ -322,13 +322,24 @@ def step_config_files(config: dict) -> dict[str, Path]:
                 files[f"{tag}/{product}_{stage}"] = write_step_config(
                     sdir / f"{product}_{stage}.yaml",
                     inference_config(config, exp, seed, product, stage, "target_train"))
+    metrics = metrics_files(config)
+    if metrics:
+        files["collect"] = write_step_config(results_dir(config) / "configs" / "collect.yaml",
+                                             C.to_dict(C.load(C.CollectConfig, {"metrics": metrics})))
     return files
+
+
+def metrics_files(config: dict) -> list[str]:
+    """Every metrics.json of the selected experiments (the inputs of ``collect``)."""
+    return [str(eval_dir(config, exp, seed, stage, role) / "metrics.json")
+            for exp in selected_experiments(config) for seed in seeds(config, exp)
+            for stage, role in evaluations(config, exp)]
 
 
 def final_targets(config: dict) -> list[str]:
     """What `snakemake` builds by default: every prepared dataset, every stage's metrics, and the inference
-    products the stages consume, for every selected experiment and seed."""
-    targets = []
+    products the stages consume, for every selected experiment and seed, and the results table."""
+    targets = [str(results_dir(config) / "summary.csv")] if metrics_files(config) else []
     for exp in selected_experiments(config):
         for role in dataset_roles(config, exp):
             targets.append(str(prepared_dir(config, exp, role)))

@@ -79,7 +79,7 @@ def test_resolution_writes_step_configs_only_when_changed(shipped, tmp_path):
     shipped["results_dir"] = str(tmp_path / "results")
     files = W.step_config_files(shipped)
     assert sorted(files) == [
-        "demo/prepare_source", "demo/prepare_source_val", "demo/prepare_target_train", "demo/prepare_target_val",
+        "collect", "demo/prepare_source", "demo/prepare_source_val", "demo/prepare_target_train", "demo/prepare_target_val",
         "demo/seed0/class_dist_warmup", "demo/seed0/evaluate_oracle_target_val",
         "demo/seed0/evaluate_source_only_source_val", "demo/seed0/evaluate_source_only_target_val",
         "demo/seed0/evaluate_warmup_target_val", "demo/seed0/prototypes_warmup", "demo/seed0/pseudo_soft_warmup",

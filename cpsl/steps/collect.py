@@ -1,0 +1,236 @@
+"""``cpsl collect``: one results table (and plots) from every stage's ``metrics.json``.
+
+Writes into ``out`` (the workflow uses ``results/``)::
+
+    summary.csv   one row per experiment, seed, stage and evaluated split, plus ``mean`` and ``std`` rows
+                  (over seeds) where several seeds ran; columns ``experiment, seed, stage, selection, miou,
+                  miou13, <19 class names>, split, init, iteration`` (interfaces.md; ``split``, ``init`` and
+                  ``iteration`` extend it). Per-class values are IoU percent, empty where a class never occurred.
+    summary.md    the same as a Markdown table (mIoU, mIoU-13 and per-class IoU, one decimal)
+    plots/<experiment>_per_class.png     per-class IoU of every stage on target val (mean over seeds)
+    plots/<experiment>_seed<S>_curves.png training losses per stage (from each stage's metrics.jsonl)
+
+``split`` is the evaluated prepared split (``target_val`` for the headline rows, ``source_val`` for the
+source-only model on held-out source images); ``init`` is how the stage's student was initialised, as
+recorded by training (``train_summary.json``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from cpsl.config import CollectConfig
+from cpsl.errors import DataError
+from cpsl.labels import CLASSES_19
+from cpsl.provenance import atomic_write_text
+
+STAGE_ORDER = ("source_only", "warmup", "stage1", "stage2", "stage3", "oracle")
+BASE_COLUMNS = ("experiment", "seed", "stage", "selection", "miou", "miou13")
+EXTRA_COLUMNS = ("split", "init", "iteration")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: metrics file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a valid metrics.json ({err})") from None
+
+
+def _init_of(metrics_path: Path) -> str:
+    """The student initialisation recorded by training next to the stage's checkpoint, if any."""
+    for folder in (metrics_path.parent, metrics_path.parent.parent):
+        summary = folder / "train_summary.json"
+        if summary.is_file():
+            try:
+                return str(json.loads(summary.read_text()).get("student_init", ""))
+            except json.JSONDecodeError:
+                return ""
+    return ""
+
+
+def load_rows(paths: list[Path]) -> list[dict[str, Any]]:
+    """One row per metrics.json: the interfaces.md fields, per-class IoU by name, split, init."""
+    rows = []
+    for path in paths:
+        m = _read_json(Path(path))
+        missing = [k for k in ("stage", "experiment", "seed", "miou", "per_class") if k not in m]
+        if missing:
+            raise DataError(f"{path}: metrics.json lacks {', '.join(missing)}")
+        row: dict[str, Any] = {
+            "experiment": m["experiment"], "seed": m["seed"], "stage": m["stage"],
+            "selection": m.get("selection", "last"), "miou": m["miou"], "miou13": m.get("miou13"),
+            "split": Path(m["data"]).name if m.get("data") else "target_val",
+            "init": _init_of(Path(path)), "iteration": m.get("iteration"),
+        }
+        row.update(m["per_class"])
+        rows.append(row)
+    rows.sort(key=_row_order)
+    return rows
+
+
+def _row_order(row: dict) -> tuple:
+    stage = row["stage"]
+    rank = STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+    seed = row["seed"] if isinstance(row["seed"], int) else 10**9 + ("mean", "std").index(row["seed"])
+    return (row["experiment"], row["split"] != "target_val", row["split"], rank, stage, row["selection"], seed)
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None, None
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return round(mean, 4), round(std, 4)
+
+
+def aggregate(rows: list[dict[str, Any]], class_names: list[str]) -> list[dict[str, Any]]:
+    """Add ``mean`` and ``std`` (sample std over seeds) rows for every group that ran with several seeds."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        groups[(row["experiment"], row["stage"], row["split"], row["selection"])].append(row)
+    out = list(rows)
+    for (exp, stage, split, selection), members in groups.items():
+        if len({r["seed"] for r in members}) < 2:
+            continue
+        mean_row = {"experiment": exp, "seed": "mean", "stage": stage, "selection": selection, "split": split,
+                    "init": members[0]["init"], "iteration": members[0]["iteration"]}
+        std_row = dict(mean_row, seed="std")
+        for col in ("miou", "miou13", *class_names):
+            mean_row[col], std_row[col] = _mean_std([r.get(col) for r in members])
+        out += [mean_row, std_row]
+    out.sort(key=_row_order)
+    return out
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def write_csv(path: Path, rows: list[dict], class_names: list[str]) -> None:
+    columns = [*BASE_COLUMNS, *class_names, *EXTRA_COLUMNS]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+    atomic_write_text(path, buf.getvalue())
+
+
+def markdown(rows: list[dict], class_names: list[str]) -> str:
+    has13 = any(r.get("miou13") is not None for r in rows)
+    head = ["experiment", "seed", "stage", "split", "selection", "mIoU", *(["mIoU-13"] if has13 else []),
+            *class_names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["experiment"], str(r["seed"]), r["stage"], r["split"], r["selection"], _fmt(r["miou"]),
+                 *([_fmt(r.get("miou13"))] if has13 else []), *(_fmt(r.get(c)) for c in class_names)]
+        lines.append("| " + " | ".join(cells) + " |")
+    inits = sorted({(r["stage"], r["init"]) for r in rows if r.get("init")})
+    notes = ["", "mIoU and per-class IoU in percent on the evaluated split; empty: class absent from both "
+             "ground truth and prediction. `selection: last` is the final checkpoint."]
+    if inits:
+        notes.append("Student initialisation per stage: " + "; ".join(f"{s}: {i}" for s, i in inits) + ".")
+    return "\n".join(lines + notes) + "\n"
+
+
+def _plots(out: Path, rows: list[dict], class_names: list[str], stage_dirs: dict[tuple, Path]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    plot_dir = out / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for exp in sorted({r["experiment"] for r in rows}):
+        sel = [r for r in rows if r["experiment"] == exp and r["split"] == "target_val" and r["selection"] == "last"]
+        multi = any(r["seed"] == "mean" for r in sel)
+        sel = [r for r in sel if (r["seed"] == "mean") == multi and r["seed"] != "std"]
+        if not sel:
+            continue
+        fig, ax = plt.subplots(figsize=(max(8, len(class_names) * 0.6), 4))
+        width = 0.8 / len(sel)
+        for i, r in enumerate(sel):
+            vals = [r.get(c) if r.get(c) is not None else 0.0 for c in class_names]
+            ax.bar([x + i * width for x in range(len(class_names))], vals, width,
+                   label=f"{r['stage']} ({_fmt(r['miou'])})")
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(class_names))])
+        ax.set_xticklabels(class_names, rotation=60, ha="right", fontsize=8)
+        ax.set_ylabel("IoU (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{exp}: per-class IoU on target val" + (" (mean over seeds)" if multi else ""))
+        ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        path = plot_dir / f"{exp}_per_class.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    by_seed: dict[tuple, dict[str, Path]] = defaultdict(dict)
+    for (exp, seed, stage), folder in stage_dirs.items():
+        if (folder / "metrics.jsonl").is_file():
+            by_seed[(exp, seed)][stage] = folder / "metrics.jsonl"
+    for (exp, seed), logs in sorted(by_seed.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3), squeeze=False)
+        for ax, stage in zip(axes[0], sorted(logs, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99)):
+            series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+            for line in logs[stage].read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                for key, value in rec.items():
+                    if key.startswith("loss/") and isinstance(value, (int, float)):
+                        series[key[5:]].append((rec["iteration"], value))
+            for name, pts in series.items():
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=1)
+            ax.set_title(stage)
+            ax.set_xlabel("iteration")
+            ax.legend(fontsize=6)
+        fig.suptitle(f"{exp} seed {seed}: training losses")
+        fig.tight_layout()
+        path = plot_dir / f"{exp}_seed{seed}_curves.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+def run(cfg: CollectConfig, out: Path) -> dict:
+    """Build summary.csv / summary.md (and plots) in ``out`` from ``cfg.metrics``."""
+    out = Path(out)
+    if not cfg.metrics:
+        raise DataError("metrics: no metrics.json files given")
+    rows = load_rows([Path(p) for p in cfg.metrics])
+    class_names = list(CLASSES_19)
+    for r in rows:  # a 16/13-class experiment still uses names from the 19
+        extra = [k for k in r if k not in BASE_COLUMNS + EXTRA_COLUMNS and k not in class_names]
+        if extra:
+            raise DataError(f"unknown class names in metrics: {', '.join(extra)}")
+    table = aggregate(rows, class_names)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(out / "summary.csv", table, class_names)
+    atomic_write_text(out / "summary.md", markdown(table, class_names))
+    plots: list[Path] = []
+    if cfg.plots:
+        stage_dirs = {}
+        for p in cfg.metrics:
+            folder = Path(p).parent
+            if folder.name.startswith("eval_"):
+                continue
+            m = _read_json(Path(p))
+            stage_dirs[(m["experiment"], m["seed"], m["stage"])] = folder
+        plots = _plots(out, table, class_names, stage_dirs)
+    return {"rows": len(table), "plots": [str(p) for p in plots]}

@@ -1,0 +1,72 @@
+"""The results table: rows per experiment/seed/stage/split, mean and std over seeds, Markdown, plots."""
+
+import csv
+import json
+
+import pytest
+
+from cpsl.config import CollectConfig
+from cpsl.errors import DataError
+from cpsl.labels import CLASSES_19
+from cpsl.steps import collect
+
+
+def write_metrics(root, exp, seed, stage, miou, road, split="target_val", init=None, jsonl=False):
+    folder = root / exp / f"seed{seed}" / stage
+    if split != "target_val":
+        folder = folder / f"eval_{split}"
+    folder.mkdir(parents=True, exist_ok=True)
+    per_class = {c: None for c in CLASSES_19}
+    per_class["road"] = road
+    m = {"stage": stage, "experiment": exp, "seed": seed, "iteration": 100, "miou": miou, "per_class": per_class,
+         "n_class": 19, "selection": "last", "data": str(root / exp / "data" / split)}
+    (folder / "metrics.json").write_text(json.dumps(m))
+    if init:
+        (folder / "train_summary.json").write_text(json.dumps({"student_init": init}))
+    if jsonl:
+        lines = [{"iteration": i, "loss/ce_source": 1.0 / i} for i in (10, 20, 30)]
+        (folder / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return folder / "metrics.json"
+
+
+def test_table_with_mean_and_std_over_seeds(tmp_path):
+    res = tmp_path / "results"
+    files = [
+        write_metrics(res, "demo", 0, "warmup", 40.0, 90.0, init="random", jsonl=True),
+        write_metrics(res, "demo", 1, "warmup", 44.0, 94.0, init="random"),
+        write_metrics(res, "demo", 0, "source_only", 35.0, 80.0),
+        write_metrics(res, "demo", 1, "source_only", 37.0, 82.0),
+        write_metrics(res, "demo", 0, "source_only", 60.0, 97.0, split="source_val"),
+    ]
+    summary = collect.run(CollectConfig(metrics=files), res)
+    rows = list(csv.DictReader((res / "summary.csv").open()))
+    header = list(rows[0].keys())
+    assert header[:6] == ["experiment", "seed", "stage", "selection", "miou", "miou13"]
+    assert header[6:25] == list(CLASSES_19) and header[25:] == ["split", "init", "iteration"]
+    order = [(r["stage"], r["seed"], r["split"]) for r in rows]
+    assert order == [("source_only", "0", "target_val"), ("source_only", "1", "target_val"),
+                     ("source_only", "mean", "target_val"), ("source_only", "std", "target_val"),
+                     ("warmup", "0", "target_val"), ("warmup", "1", "target_val"),
+                     ("warmup", "mean", "target_val"), ("warmup", "std", "target_val"),
+                     ("source_only", "0", "source_val")]
+    warm_mean, warm_std = rows[6], rows[7]
+    assert float(warm_mean["miou"]) == 42.0 and float(warm_mean["road"]) == 92.0
+    # sample std of (40, 44) = sqrt(((-2)^2 + 2^2) / 1) = 2.8284
+    assert float(warm_std["miou"]) == pytest.approx(2.8284, abs=1e-4)
+    assert warm_mean["wall"] == "" and warm_mean["init"] == "random" and rows[0]["init"] == ""
+    md = (res / "summary.md").read_text()
+    assert "| demo | mean | warmup | target_val | last | 42.0 |" in md
+    assert "Student initialisation per stage: warmup: random." in md
+    assert (res / "plots" / "demo_per_class.png").stat().st_size > 1000
+    assert (res / "plots" / "demo_seed0_curves.png").stat().st_size > 1000
+    assert summary["rows"] == 9
+
+
+def test_bad_metrics_file_is_named(tmp_path):
+    bad = tmp_path / "metrics.json"
+    bad.write_text("{not json")
+    with pytest.raises(DataError, match=f"^{bad}: not a valid metrics.json"):
+        collect.run(CollectConfig(metrics=[bad], plots=False), tmp_path / "out")
+    bad.write_text(json.dumps({"stage": "warmup"}))
+    with pytest.raises(DataError, match="lacks experiment, seed, miou, per_class"):
+        collect.run(CollectConfig(metrics=[bad], plots=False), tmp_path / "out")

@@ -1,0 +1,18 @@
+# The results table and plots from every stage's metrics.json.
+
+
+rule collect:
+    """results/summary.csv and summary.md (one row per experiment, seed, stage; mean and std over seeds)
+    and results/plots/ (per-class IoU per stage, training curves)."""
+    input:
+        config=lambda wc: STEP_CONFIGS["collect"],
+        metrics=lambda wc: W.metrics_files(config),
+    output:
+        csv=RESULTS / "summary.csv",
+        md=RESULTS / "summary.md",
+    log:
+        RESULTS / "logs" / "collect.log",
+    params:
+        out=lambda wc, output: str(Path(output.csv).parent),
+    shell:
+        "{CPSL} collect --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"
