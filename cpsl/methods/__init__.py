@@ -10,10 +10,14 @@ from cpsl.errors import ConfigError
 from cpsl.methods.base import Amp, Method, TrainContext
 from cpsl.methods.source_only import Oracle, SourceOnly
 from cpsl.methods.warmup import Warmup
+from cpsl.methods.selflabel import SelfLabel
+from cpsl.methods.distill import Stage2, Stage3
 
-METHODS: dict[str, type[Method]] = {"source_only": SourceOnly, "oracle": Oracle, "warmup": Warmup}
+METHODS: dict[str, type[Method]] = {"source_only": SourceOnly, "oracle": Oracle, "warmup": Warmup,
+                                     "stage1": SelfLabel, "stage2": Stage2, "stage3": Stage3}
 
-__all__ = ["METHODS", "Amp", "Method", "Oracle", "SourceOnly", "TrainContext", "Warmup", "build_method"]
+__all__ = ["METHODS", "Amp", "Method", "Oracle", "SelfLabel", "SourceOnly", "Stage2", "Stage3", "TrainContext", "Warmup",
+           "build_method"]
 
 
 def build_method(cfg: TrainConfig, ctx: TrainContext) -> Method:

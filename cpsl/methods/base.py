@@ -91,6 +91,18 @@ def build_student(cfg: TrainConfig, ctx: TrainContext) -> nn.Module:
     return model.to(ctx.device)
 
 
+def student_init(cfg: TrainConfig) -> str:
+    """Where the student's initial weights came from, for the summary and the results table:
+    ``checkpoint:<path>`` (``init_checkpoint``, which overrides ``model.init``), ``simclr:<path>`` /
+    ``imagenet:<path>`` (``model.init`` in the simclr / torchvision format) or ``random``."""
+    if cfg.init_checkpoint is not None:
+        return f"checkpoint:{cfg.init_checkpoint}"
+    if cfg.model.init is not None:
+        kind = "simclr" if cfg.model.init_format == "simclr" else "imagenet"
+        return f"{kind}:{cfg.model.init}"
+    return "random"
+
+
 def set_requires_grad(module: nn.Module, flag: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(flag)
@@ -139,6 +151,11 @@ class Method:
             for i, g in enumerate(opt.param_groups):
                 out[str(g.get("name", f"{key}{i}"))] = float(g["lr"])
         return out
+
+    def describe(self) -> dict[str, Any]:
+        """Plain JSON-able facts about this run (e.g. ``student_init``), merged into ``train_summary.json`` and
+        stored under ``extra`` in the checkpoints. Subclasses add their own entries."""
+        return {"student_init": student_init(self.cfg)}
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self, full: bool = True) -> dict[str, Any]:

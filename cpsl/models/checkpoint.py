@@ -9,6 +9,7 @@ bool/None only)::
     model_config    plain dict of ModelConfig (cpsl.config.to_dict)
     model           student state dict
     ema_model, prototypes, prototypes_ema, optimizer, scheduler, discriminator, disc_optimizer   (optional)
+    queues          stage 1's pixel queues: {"feats", "logits", "labels", "filled"}
     iteration       number of finished iterations
     rng             capture_rng_state(): python / numpy / torch / cuda generator states
     config          the resolved step config (plain dict)
@@ -40,7 +41,7 @@ from cpsl.errors import CheckpointError, ConfigError
 
 FORMAT = "cpsl-checkpoint"
 FORMAT_VERSION = 1
-OPTIONAL_KEYS = ("ema_model", "prototypes", "prototypes_ema", "optimizer", "scheduler", "discriminator",
+OPTIONAL_KEYS = ("ema_model", "prototypes", "prototypes_ema", "queues", "optimizer", "scheduler", "discriminator",
                  "disc_optimizer", "iteration", "rng", "config", "seed", "extra")
 _SAFE_LEAVES = (torch.Tensor, str, int, float, bool, type(None), torch.dtype, torch.device)
 

@@ -17,7 +17,8 @@ Outputs in ``out`` (written by rank 0 only)::
     metrics.jsonl         one JSON object per log line: iteration, loss/<name> (mean over the last
                           log_interval iterations), lr/<group> (the rate used by that iteration), time_iter,
                           time_data (seconds per iteration), samples_per_s
-    train_summary.json    stage, iterations, final losses, mean time per iteration, device, world size
+    train_summary.json    stage, iterations, final losses, mean time per iteration, device, world size, and
+                          ``method.describe()`` (e.g. ``student_init``; also in the checkpoints' ``extra``)
 
 Resume: if ``checkpoints/last.pt`` exists, training continues from it. The data order and augmentation are a
 pure function of (seed, iteration, slot) and every RNG state is restored, so on the CPU the final weights equal
@@ -172,7 +173,7 @@ def _resumable_state(method: Method, cfg: TrainConfig, iteration: int, amp: Amp,
     parts = {k: v for k, v in method.state_dict(full=True).items() if k != "model"}
     return make_checkpoint(method.student, cfg.model, iteration=iteration, rng=rng_states[0],
                            config=to_dict(cfg), seed=cfg.seed,
-                           extra={"stage": cfg.stage, "grad_scaler": amp.state_dict(),
+                           extra={"stage": cfg.stage, **method.describe(), "grad_scaler": amp.state_dict(),
                                   "rng_per_rank": rng_states, "batch_size": cfg.data.batch_size},
                            **parts)
 
@@ -277,10 +278,11 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     summary = {"stage": cfg.stage, "iterations": cfg.max_iters, "resumed_from": start,
                "final_losses": last_losses, "time_per_iter": float(np.mean(per_iter)) if per_iter else None,
                "wall_time_s": time.perf_counter() - t_start, "device": str(info.device),
-               "world_size": info.world_size, "global_batch": cfg.data.batch_size}
+               "world_size": info.world_size, "global_batch": cfg.data.batch_size, **method.describe()}
     if info.is_main:
         final = make_checkpoint(method.student, cfg.model, iteration=cfg.max_iters, config=to_dict(cfg),
-                                seed=cfg.seed, rng=capture_rng_state(), extra={"stage": cfg.stage},
+                                seed=cfg.seed, rng=capture_rng_state(),
+                                extra={"stage": cfg.stage, **method.describe()},
                                 **{k: v for k, v in method.state_dict(full=False).items() if k != "model"})
         save_checkpoint(out / FINAL, final)
         last_path.unlink(missing_ok=True)

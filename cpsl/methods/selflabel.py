@@ -1,0 +1,553 @@
+"""Stage 1 of CPSL: class-balanced pixel-level self-labeling (spec 3.5, the reference ``CustomModel.step``).
+
+One iteration (B target crops, each with its source crop; all maps of the target live on the *quarter grid*,
+1/4 of the crop: 128 x 224 for a 512 x 896 crop)::
+
+    1. L_src  = CE(up(G(xs)), ys)                                  backward at once (as the reference)
+    2. CutMix with probability cutmix_p: one box (``rand_bbox``, half the crop's area) for the whole batch,
+       source pixels pasted into the weak target crops; the box's labels become the source labels
+    3. EMA network Ge (no grad) on the FULL target image -> features f and logits o on the full-image grid,
+       carried into the weak crop on the quarter grid with ``full_to_weak_batch`` (exact, at their resolution)
+    4. rectified labels  y = argmax_k softmax_k(cos(f, Pe_k) / tau) * soft_k    (``rectify``; soft = the stored
+       warm-up soft pseudo label, carried into the weak crop by the data loader: ``SoftLabelExtras``)
+    5. L_CTS  = alpha CE + beta RCE (symmetric CE, ``sce_loss``) of up(G(xt_mixed)) against y (CutMix-pasted)
+    6. L_SL   = class-balanced self-labeling of the learnable prototypes P on pixels sampled from the EMA maps,
+       with Sinkhorn over feature / logit queues (``cpsl.methods.sinkhorn``); gradient to P only
+    7. L_con  = pixel contrastive loss of the student's weak-crop features against the feature queue, only when
+       the queue is full and no CutMix happened this iteration (``contrastive_loss``)
+       backward  L_CTS + sl_weight L_SL + contrast_weight L_con
+    8. L_cons = KL(softmax(cos(f, Pe)/tau) warped into the strong view || softmax(cos(up(G(x_strong).feat), Pe)/tau))
+       (``consistency_loss``); backward consist_weight L_cons
+    9. SGD step (backbone, head, prototypes); EMA of the student's weights and of the prototypes (Pe <- P)
+
+Reported terms: ``ce_source``, ``cts``, ``consist``, ``sl``, ``contrast``, ``loss`` (= L_CTS + consist_weight
+L_cons + sl_weight L_SL + contrast_weight L_con, the reference's total without the source CE), ``cutmix`` (0/1).
+
+Where we differ from the reference on purpose (spec 7, 9), and the switches that restore its behaviour:
+
+* queue and contrastive labels are the labels of the sampled pixels (the reference misaligns both, item 3):
+  the queue samples ``pixels_per_image`` pixels of the *weak crop's quarter grid*, where the EMA features, EMA
+  logits and rectified labels all live, with one index set per image used for all three. The reference samples
+  the full-image EMA grid and pairs the features with unrelated labels; ``reference_queue_labels: true``
+  reproduces that (full-grid features, the crop labels stretched onto the full grid and taken unpermuted, and
+  contrastive anchors on the student's own grid with labels indexed on the stretched map);
+* queue scores with normalised prototypes (item 4; ``reference_queue_scores``) — see ``sinkhorn.py``;
+* the EMA network labels in eval mode (item 6; ``ema_mode: train`` for the reference's train mode with dropout
+  and batch statistics). Its buffers (BatchNorm statistics) are *copied* from the student after every step, as
+  the reference does, not averaged;
+* Pe receives no gradient (item 14: the reference lets gradients accumulate in it, unused);
+* the stored soft labels are never upsampled to the image size (spec 6): the loader maps the (C, 129, 257)
+  map straight onto the quarter grid; and the EMA maps are carried into the crop exactly at their own
+  resolution instead of upsampling to 256 x 512 first;
+* the pixel indices and the CutMix draw come from a generator seeded by (seed, iteration), identical on every
+  rank, and the Sinkhorn/queue loop runs on the pixels gathered from all ranks: 2 processes give what 1 gives.
+  The reference draws one pixel permutation per batch; we draw one per image;
+* losses averaged over pixels are averaged over the valid pixels of the *global* batch (as DataParallel does);
+* the student's weak and strong forward passes each get their own backward (the same gradient as one backward
+  of the sum; less memory, and DDP-friendly).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cpsl.config import TrainConfig
+from cpsl.data.prepared import PreparedSplit
+from cpsl.data.pseudo import load_soft, soft_path
+from cpsl.data.transforms import (WeakParams, full_to_weak, full_to_weak_batch, strong_params_from_batch,
+                                  warp_maps_batch, weak_params_from_batch)
+from cpsl.errors import CheckpointError, ConfigError, DataError
+from cpsl.labels import IGNORE_INDEX
+from cpsl.methods.base import Method, TrainContext, set_requires_grad
+from cpsl.methods.losses import seg_cross_entropy, upsample
+from cpsl.methods.sinkhorn import PixelQueue, safe_normalize, self_label_loss
+from cpsl.models import freeze_bn
+from cpsl.train.data import _seed_int
+from cpsl.train.dist import all_gather_cat
+from cpsl.train.optim import build_sgd, poly_scheduler
+
+RCE_LOG_CLAMP = 1e-4     # log clamp(onehot, 1e-4, 1): -log(1e-4) = 9.2103 per unit of wrong-class mass
+RCE_PROB_CLAMP = 1e-7
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs: initial prototypes, class marginal, soft labels in the data loader
+
+
+def load_prototypes(path: str | Path, n_class: int, dim: int) -> tuple[Tensor, list[int]]:
+    """The initial prototypes, L2-normalised, float32 (n_class, dim), and the classes whose prototype is zero.
+
+    ``path``: ``prototypes.pt`` of ``cpsl prototypes`` (a dict with ``"prototypes"`` [C, D]) or a bare [C, D]
+    tensor (the reference's file), read with ``weights_only=True``. A class the warm-up model never predicted
+    has a zero prototype: it stays zero (cosine 0 with every feature, no gradient; see ``safe_normalize``).
+    """
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"selflabel.prototypes: {path}: file not found") from None
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"{path}: not a readable prototypes file ({str(err).splitlines()[0][:200]})") from None
+    protos = obj.get("prototypes") if isinstance(obj, dict) else obj
+    if not isinstance(protos, Tensor) or tuple(protos.shape) != (n_class, dim):
+        shape = tuple(protos.shape) if isinstance(protos, Tensor) else type(protos).__name__
+        raise DataError(f"{path}: prototypes must be a [{n_class}, {dim}] tensor (model.n_class x "
+                        f"model.head_channels), got {shape}")
+    protos = protos.detach().float()
+    if not torch.isfinite(protos).all():
+        raise DataError(f"{path}: prototypes contain NaN or Inf")
+    zero = [k for k in range(n_class) if float(protos[k].norm()) <= 1e-12]
+    return safe_normalize(protos, dim=1), zero
+
+
+def load_class_marginal(path: str | Path, n_class: int) -> Tensor:
+    """The Sinkhorn class marginal: ``class_distribution.npy`` (float (C,), non-negative), renormalised, float64."""
+    path = Path(path)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ConfigError(f"selflabel.class_dist: {path}: file not found") from None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not a readable .npy file ({err})") from None
+    arr = np.asarray(arr, np.float64).reshape(-1)
+    if arr.shape != (n_class,) or not np.isfinite(arr).all() or (arr < 0).any() or arr.sum() <= 0:
+        raise DataError(f"{path}: class distribution must be {n_class} non-negative finite numbers with a positive "
+                        f"sum, got shape {arr.shape}")
+    return torch.from_numpy(arr / arr.sum())
+
+
+class SoftLabelExtras:
+    """``TrainDataset`` extras of the stage-1 target: the stored soft pseudo label carried into the weak crop.
+
+    Returns ``{"soft": float32 (C, h, w)}`` on ``out_hw`` (the quarter grid of the crop; zero where the crop is
+    padding). The file's (C, 129, 257) map (uint8 on disk) is resampled once with ``full_to_weak`` at its own
+    resolution (its corner samples on the image's corner pixels, ``align_corners=True``, as the reference
+    upsamples it): about 2 x C*h*w*4 bytes of memory per sample instead of the reference's C x 1024 x 2048
+    floats (159-413 MB). Picklable, so DataLoader workers can run it.
+    """
+
+    def __init__(self, root: str | Path, names: Sequence[str], out_hw: tuple[int, int], n_class: int) -> None:
+        self.root, self.names, self.out_hw, self.n_class = Path(root), list(names), tuple(out_hw), n_class
+
+    def __call__(self, index: int, weak_params: WeakParams, rng: Any = None) -> dict[str, Tensor]:
+        path = soft_path(self.root, self.names[index])
+        soft = load_soft(path)
+        if soft.shape[0] != self.n_class:
+            raise DataError(f"{path}: soft label has {soft.shape[0]} classes, model.n_class is {self.n_class}")
+        return {"soft": torch.from_numpy(full_to_weak(soft, weak_params, self.out_hw, src_align_corners=True))}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CutMix (source into target)
+
+
+def rand_bbox(hw: tuple[int, int], rng: np.random.Generator | Tensor | torch.Generator,
+              prop: float = 0.5) -> tuple[int, int, int, int]:
+    """The reference's CutMix box ``(y1, x1, y2, x2)`` (end-exclusive) covering ``prop`` of an (H, W) image.
+
+    ``y_prop = exp(u0 ln prop)`` in [prop, 1], ``x_prop = prop / y_prop``; sizes ``round([y_prop H, x_prop W])``;
+    position ``round((shape - sizes) * [u1, u2])``. ``rng``: a numpy Generator, a torch Generator, or the three
+    uniforms (u0, u1, u2) as a tensor/array.
+    """
+    if isinstance(rng, np.random.Generator):
+        u = rng.uniform(0.0, 1.0, 3)
+    elif isinstance(rng, torch.Generator):
+        u = torch.rand(3, generator=rng, dtype=torch.float64).numpy()
+    else:
+        u = np.asarray(rng, np.float64).reshape(3)
+    shape = np.asarray(hw, np.float64)
+    y_prop = math.exp(float(u[0]) * math.log(prop))
+    sizes = np.round(np.array([y_prop, prop / y_prop]) * shape)
+    pos = np.round((shape - sizes) * u[1:3])
+    y1, x1 = int(pos[0]), int(pos[1])
+    return y1, x1, y1 + int(sizes[0]), x1 + int(sizes[1])
+
+
+def cutmix_images(target: Tensor, source: Tensor, box: tuple[int, int, int, int]) -> Tensor:
+    """A copy of ``target`` (B, 3, H, W) with ``source``'s pixels in ``box`` (the batch's inputs are untouched)."""
+    y1, x1, y2, x2 = box
+    out = target.clone()
+    out[..., y1:y2, x1:x2] = source[..., y1:y2, x1:x2]
+    return out
+
+
+def grid_centres(n_out: int, n_in: int) -> Tensor:
+    """Input pixel (floor) under each output pixel centre, for an output grid tiling the input (align_corners=False)."""
+    return ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out)).floor().long().clamp_(0, n_in - 1)
+
+
+def cutmix_labels(labels: Tensor, source_label: Tensor, box: tuple[int, int, int, int]) -> Tensor:
+    """Labels (B, h, w) on a reduced grid of the crop, with the source labels pasted where the box is.
+
+    A quarter-grid pixel takes the source label of the crop pixel under its centre when that pixel is in the box
+    (the reference upsamples x4 nearest, pastes, and downsamples x0.25 nearest, i.e. reads the top-left crop
+    pixel of each 4x4 cell; we read the cell centre, the convention of every other quarter-grid map).
+    """
+    h, w = labels.shape[-2:]
+    hh, ww = source_label.shape[-2:]
+    ys, xs = grid_centres(h, hh).to(labels.device), grid_centres(w, ww).to(labels.device)
+    y1, x1, y2, x2 = box
+    inside = ((ys >= y1) & (ys < y2))[:, None] & ((xs >= x1) & (xs < x2))[None, :]
+    pasted = source_label[:, ys][:, :, xs].to(labels.dtype)
+    return torch.where(inside[None], pasted, labels)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prototype rectification, losses
+
+
+def cosine_scores(feat: Tensor, prototypes: Tensor) -> Tensor:
+    """``cos(feat, prototype_k)`` (B, K, h, w) for features (B, D, h, w) and prototypes (K, D)."""
+    return torch.einsum("bdhw,kd->bkhw", safe_normalize(feat.float(), dim=1),
+                        safe_normalize(prototypes.float(), dim=1))
+
+
+def rectify(soft: Tensor, feat: Tensor, prototypes_ema: Tensor, tau: float = 0.08,
+            threshold: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Prototype-rectified pseudo labels (the reference's ``get_prototype_weight`` + argmax).
+
+    ``soft`` (B, K, h, w): stored soft labels on the quarter grid (0 on padding); ``feat`` (B, D, h, w): EMA
+    features on the same grid. ``W = softmax_k(cos(feat, Pe_k) / tau)``, ``R = W * soft``,
+    ``label = argmax_k R``; ignored (255) where ``max_k R / sum_k R < threshold`` and where ``soft`` is empty
+    (crop padding). Returns ``(labels (B, h, w) long, W)``.
+    """
+    weights = F.softmax(cosine_scores(feat, prototypes_ema) / tau, dim=1)
+    rect = weights * soft.float()
+    total = rect.sum(1)
+    conf, labels = rect.max(1)
+    ignore = soft.float().sum(1) <= 0.5
+    if threshold > 0:
+        ignore |= conf < threshold * total
+    return labels.masked_fill(ignore, IGNORE_INDEX), weights
+
+
+def _global_count(count: Tensor) -> Tensor:
+    """``count`` summed over the DDP ranks and divided by the world size (identity on one process): dividing a
+    rank's local sum by it makes DDP's gradient average equal the gradient of the global mean."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        count = count.detach().clone()
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count
+
+
+def sce_loss(logits: Tensor, labels: Tensor, alpha: float = 0.1, beta: float = 1.0
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Symmetric cross entropy ``alpha CE + beta RCE`` (reference ``CustomModel.rce``); returns (total, ce, rce).
+
+    ``RCE = -sum_k p_k log clamp(onehot_k, 1e-4, 1)`` with ``p = clamp(softmax, 1e-7, 1)``, i.e. 9.2103 x the
+    (clamped) probability mass off the label. Both terms are means over the valid (non-255) pixels of the
+    global batch.
+    """
+    ce = seg_cross_entropy(logits, labels)
+    valid = labels != IGNORE_INDEX
+    p = F.softmax(logits.float(), dim=1).clamp(RCE_PROB_CLAMP, 1.0)
+    onehot = F.one_hot(labels.masked_fill(~valid, 0), logits.shape[1]).permute(0, 3, 1, 2).float()
+    rce_map = -(p * torch.log(onehot.clamp(RCE_LOG_CLAMP, 1.0))).sum(1)
+    rce = (rce_map * valid).sum() / _global_count(valid.sum().float()).clamp(min=1.0)
+    return alpha * ce + beta * rce, ce, rce
+
+
+def consistency_loss(teacher: Tensor, valid: Tensor, student_log_probs: Tensor) -> Tensor:
+    """``sum_valid sum_k t_k (log t_k - s_k) / (K * #valid)``: the per-pixel KL(t || s) averaged over the valid
+    pixels (global batch) and divided by K, as the reference normalises it (its mask counts every channel).
+
+    ``teacher`` (B, K, h, w) probabilities (no grad), ``valid`` (B, h, w) bool, ``student_log_probs`` (B, K, h, w).
+    """
+    t = teacher.detach().float()
+    kl = (torch.xlogy(t, t) - t * student_log_probs.float()).sum(1)
+    k = teacher.shape[1]
+    return (kl * valid).sum() / _global_count(valid.sum().float() * k).clamp(min=1.0)
+
+
+def contrastive_loss(anchors: Tensor, anchor_labels: Tensor, queue_feats: Tensor, queue_labels: Tensor,
+                     tau: float = 0.08) -> Tensor:
+    """The reference's pixel contrastive loss for one image (``CustomModel.contrastive``).
+
+    ``anchors`` (n, D) L2-normalised student features, ``queue_feats`` (L, D) normalised EMA features.
+    ``logit_j = a.q_j / tau - max_j``; negatives: queue rows with another label;
+    ``log_prob_j = logit_j - log(exp(logit_j) + sum_neg exp(logit))``; per anchor
+    ``-sum_pos log_prob / (#pos + 1e-5)``; mean over the anchors with a valid label. Queue rows labelled 255
+    are neither positives nor negatives (our addition; the reference has no ignored rows).
+    """
+    valid = anchor_labels != IGNORE_INDEX
+    if not bool(valid.any()):
+        return anchors.sum() * 0.0
+    a, ya = anchors[valid].float(), anchor_labels[valid]
+    logits = a @ queue_feats.float().t() / tau
+    logits = logits - logits.max(1, keepdim=True).values.detach()
+    q_ok = (queue_labels != IGNORE_INDEX)[None, :]
+    pos = (ya[:, None] == queue_labels[None, :]) & q_ok
+    neg = (~pos) & q_ok
+    exp = torch.exp(logits)
+    neg_sum = (exp * neg).sum(1, keepdim=True)
+    log_prob = logits - torch.log(exp + neg_sum)
+    per_anchor = -(log_prob * pos).sum(1) / (pos.sum(1) + 1e-5)
+    return per_anchor.mean()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# EMA and pixel sampling
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, student: nn.Module, momentum: float) -> None:
+    """``theta_ema = m theta_ema + (1 - m) theta`` for every parameter; buffers (BatchNorm running statistics,
+    counters) copied from the student, as the reference does."""
+    for pe, p in zip(ema.parameters(), student.parameters()):
+        pe.mul_(momentum).add_(p.detach(), alpha=1.0 - momentum)
+    for be, b in zip(ema.buffers(), student.buffers()):
+        be.copy_(b)
+
+
+def sample_indices(keys: Tensor, valid: Tensor, n: int) -> Tensor:
+    """(B, n) pixel indices: the n valid pixels with the smallest random ``keys`` (B, P); invalid pixels only
+    when an image has fewer than n valid ones. ``keys`` in [0, 1)."""
+    order = torch.argsort(keys + 2.0 * (~valid).to(keys.dtype), dim=1, stable=True)
+    return order[:, :n]
+
+
+def take_pixels(maps: Tensor, idx: Tensor) -> Tensor:
+    """Rows of ``maps`` (B, C, h, w) or (B, h, w) at flat pixel indices ``idx`` (B, n): (B*n, C) or (B*n,)."""
+    if maps.dim() == 3:
+        return maps.flatten(1).gather(1, idx).reshape(-1)
+    flat = maps.flatten(2)
+    return flat.gather(2, idx[:, None, :].expand(-1, flat.shape[1], -1)).permute(0, 2, 1).reshape(-1, flat.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The method
+
+
+class SelfLabel(Method):
+    """CPSL stage 1 (see the module docstring). Checkpoint entries beyond the base method: ``ema_model``,
+    ``prototypes`` (P), ``prototypes_ema`` (Pe) and ``queues`` (``PixelQueue.state_dict``)."""
+
+    name = "stage1"
+
+    def __init__(self, cfg: TrainConfig, ctx: TrainContext) -> None:
+        super().__init__(cfg, ctx)
+        sl, o = cfg.selflabel, cfg.optim
+        for key in ("soft_labels", "prototypes", "class_dist"):
+            if getattr(sl, key) is None:
+                raise ConfigError(f"selflabel.{key}: required for stage 'stage1'")
+        n_class, dim = cfg.model.n_class, cfg.model.head_channels
+        self.quarter = (int(cfg.data.crop[0]) // 4, int(cfg.data.crop[1]) // 4)
+        target = PreparedSplit(cfg.data.target)
+        extras = SoftLabelExtras(sl.soft_labels, target.names, self.quarter, n_class)
+        self.domains = {"source": {"label": True},
+                        "target": {"label": False, "views": ("weak", "strong", "full"), "extras": extras}}
+
+        self.ema = copy.deepcopy(self.student)
+        set_requires_grad(self.ema, False)
+        self.nets["ema_model"] = self.ema
+
+        init, zero = load_prototypes(sl.prototypes, n_class, dim)
+        if zero and ctx.dist.is_main:
+            print(f"cpsl train: stage1: {len(zero)} class(es) with a zero initial prototype stay inert (cosine 0): "
+                  f"{zero}", file=sys.stderr, flush=True)
+        self.zero_prototypes = zero
+        self.prototypes = nn.Parameter(init.clone().to(ctx.device))
+        self.prototypes_ema = init.clone().to(ctx.device)
+        self.marginal = load_class_marginal(sl.class_dist, n_class).to(ctx.device)
+        self.queue = PixelQueue(sl.queue_length, dim, n_class, ctx.device)
+
+        # The base optimizer again, plus the prototypes' group (reference: 5x lr for head and prototypes).
+        self.optimizer = build_sgd(self.student, o.lr, head_lr_mult=o.head_lr_mult,
+                                   backbone_lr_mult=o.backbone_lr_mult, momentum=o.momentum,
+                                   weight_decay=o.weight_decay,
+                                   extra_groups=[("prototypes", [self.prototypes], sl.proto_lr_mult)])
+        self.optimizers["optimizer"] = self.optimizer
+        self.schedulers["student"] = poly_scheduler(self.optimizer, cfg.max_iters, o.poly_power)
+
+    # -- per iteration ------------------------------------------------------------------------------------
+    def train_mode(self) -> None:
+        super().train_mode()
+        self.ema.train(self.cfg.selflabel.ema_mode == "train")
+        if self.cfg.freeze_bn:
+            freeze_bn(self.ema)
+
+    def iteration_generator(self, iteration: int) -> torch.Generator:
+        """The CPU generator of this iteration's CutMix draw and pixel samples: a function of (seed, iteration)
+        only, so every rank (and a resumed run) draws the same."""
+        return torch.Generator().manual_seed(_seed_int(self.cfg.seed, 11, iteration))
+
+    def _world(self) -> tuple[int, int]:
+        return self.ctx.dist.rank, self.ctx.dist.world_size
+
+    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, float]:
+        sl = self.cfg.selflabel
+        src, tgt = batch["source"], batch["target"]
+        rank, world = self._world()
+        b = tgt["image"].shape[0]
+        b_global = b * world
+        gen = self.iteration_generator(self.schedulers["student"].last_epoch)
+        cutmix = bool(torch.rand(1, generator=gen).item() < sl.cutmix_p)
+        box = rand_bbox(tuple(tgt["image"].shape[-2:]), gen)
+        qh, qw = self.quarter
+        keys_queue = torch.rand(b_global, qh * qw, generator=gen)[rank * b:(rank + 1) * b].to(self.ctx.device)
+        keys_anchor = torch.rand(b_global, qh * qw, generator=gen)[rank * b:(rank + 1) * b].to(self.ctx.device)
+        self.optimizer.zero_grad(set_to_none=True)
+
+        # 1. source cross-entropy, backward at once
+        with self.amp.autocast():
+            ps = upsample(self.net(src["image"])["out"], src["label"].shape[-2:])
+            ce_src = seg_cross_entropy(ps, src["label"])
+        self.amp.backward(ce_src)
+        del ps
+
+        # 3-4. EMA teacher on the full image, carried into the weak crop; rectified labels
+        weak = weak_params_from_batch(tgt["weak_params"])
+        with torch.no_grad():
+            with self.amp.autocast():
+                ema_out = self.ema(tgt["image_full"])
+            ema_feat, ema_logits = ema_out["feat"].float(), ema_out["out"].float()
+            f_weak = full_to_weak_batch(ema_feat, weak, self.quarter)
+            labels, _ = rectify(tgt["soft"], f_weak, self.prototypes_ema, sl.tau, sl.train_threshold)
+
+        # 6a. pixel samples for the queues (aligned features, logits and labels), gathered over the ranks
+        with torch.no_grad():
+            if sl.reference_queue_labels:
+                q_feats, q_logits, q_labels, stretched = self._reference_samples(ema_feat, ema_logits, labels, gen)
+            else:
+                o_weak = full_to_weak_batch(ema_logits, weak, self.quarter)
+                idx = sample_indices(keys_queue, labels.flatten(1) != IGNORE_INDEX, sl.pixels_per_image)
+                q_feats = safe_normalize(take_pixels(f_weak, idx), dim=1)
+                q_logits = safe_normalize(take_pixels(o_weak, idx), dim=1)
+                q_labels = take_pixels(labels, idx)
+            q_feats, q_logits, q_labels = (all_gather_cat(t.contiguous()) for t in (q_feats, q_logits, q_labels))
+
+        # 2 + 5. CutMix and the student on the weak crop: L_CTS
+        x = tgt["image"]
+        train_labels = labels
+        if cutmix:
+            x = cutmix_images(x, src["image"], box)
+            train_labels = cutmix_labels(labels, src["label"], box)
+        with self.amp.autocast():
+            so = self.net(x)
+        out_q = F.interpolate(so["out"].float(), size=self.quarter, mode="bilinear", align_corners=False)
+        if sl.sce:
+            l_cts, _, _ = sce_loss(out_q, train_labels, sl.sce_alpha, sl.sce_beta)
+        else:
+            l_cts = seg_cross_entropy(out_q, train_labels)
+
+        # 6b. class-balanced self-labeling of P over the global batch (every rank the same)
+        l_sl, _ = self_label_loss(q_feats, q_logits, q_labels, self.prototypes, self.queue, self.marginal,
+                                  n_images=b_global, tau=sl.tau, epsilon=sl.epsilon, iters=sl.sinkhorn_iters,
+                                  reference_scores=sl.reference_queue_scores)
+
+        # 7. pixel contrastive term (queue full, no CutMix)
+        l_con = out_q.new_zeros(())
+        if self.queue.full and not cutmix and sl.contrast_weight > 0:
+            l_con = self._contrastive(so["feat"], labels, keys_anchor, gen if sl.reference_queue_labels else None,
+                                      stretched if sl.reference_queue_labels else None)
+        self.amp.backward(l_cts + sl.sl_weight * l_sl + sl.contrast_weight * l_con)
+        del so, out_q
+
+        # 8. prototype consistency on the strong view
+        l_cons = torch.zeros((), device=self.ctx.device)
+        if sl.consist_weight > 0:
+            with torch.no_grad():
+                teacher = F.softmax(cosine_scores(f_weak, self.prototypes_ema) / sl.tau, dim=1)
+                in_crop = (tgt["soft"].float().sum(1, keepdim=True) > 0.5).float()
+                warped, valid = warp_maps_batch(torch.cat([teacher, in_crop], 1),
+                                                strong_params_from_batch(tgt["strong_params"]))
+                teacher, valid = warped[:, :-1], valid & (warped[:, -1] > 0.5)
+            with self.amp.autocast():
+                ss = self.net(tgt["image_strong"])
+            feat_s = F.interpolate(ss["feat"].float(), size=self.quarter, mode="bilinear", align_corners=False)
+            log_s = F.log_softmax(cosine_scores(feat_s, self.prototypes_ema) / sl.tau, dim=1)
+            l_cons = consistency_loss(teacher, valid, log_s)
+            # 0 x logits: the classifier takes part in every backward (DDP without find_unused_parameters)
+            self.amp.backward(sl.consist_weight * l_cons + 0.0 * ss["out"].float().sum())
+            del ss
+
+        # 9. optimizer step, then the EMAs
+        self.amp.step(self.optimizer)
+        m = sl.ema_momentum
+        ema_update(self.ema, self.student, m)
+        with torch.no_grad():
+            self.prototypes_ema.mul_(m).add_(self.prototypes.detach(), alpha=1.0 - m)
+
+        total = l_cts + sl.consist_weight * l_cons + sl.sl_weight * l_sl + sl.contrast_weight * l_con
+        return {"ce_source": ce_src.item(), "cts": l_cts.item(), "consist": l_cons.item(), "sl": l_sl.item(),
+                "contrast": float(l_con.item()), "loss": total.item(), "cutmix": float(cutmix)}
+
+    def _contrastive(self, student_feat: Tensor, labels: Tensor, keys: Tensor, gen: torch.Generator | None,
+                     stretched: Tensor | None) -> Tensor:
+        """Mean over this rank's images of ``contrastive_loss`` with ``pixels_per_image`` anchors each.
+
+        Default: anchors on the quarter grid (student features upsampled there, align_corners=False), labelled by
+        the rectified labels of the same pixels. Reference mode: anchors on the student's own grid, labels read
+        at the same flat indices of the crop labels stretched onto the full-image grid (misaligned, spec 7 item 3).
+        """
+        n = self.cfg.selflabel.pixels_per_image
+        if stretched is None:
+            feat = F.interpolate(student_feat.float(), size=self.quarter, mode="bilinear", align_corners=False)
+            idx = sample_indices(keys, labels.flatten(1) != IGNORE_INDEX, n)
+            anchors = safe_normalize(take_pixels(feat, idx), dim=1)
+            a_labels = take_pixels(labels, idx)
+        else:
+            feat = student_feat.float()
+            hw = feat.shape[-2] * feat.shape[-1]
+            perm = torch.randperm(hw, generator=gen)[:n].to(feat.device)
+            idx = perm[None].expand(feat.shape[0], -1)
+            anchors = safe_normalize(take_pixels(feat, idx), dim=1)
+            a_labels = stretched.flatten(1)[:, perm.clamp(max=stretched[0].numel() - 1)].reshape(-1)
+        anchors, a_labels = anchors.reshape(-1, n, anchors.shape[-1]), a_labels.reshape(-1, n)
+        losses = [contrastive_loss(anchors[i], a_labels[i], self.queue.feats, self.queue.labels,
+                                   self.cfg.selflabel.tau) for i in range(anchors.shape[0])]
+        return torch.stack(losses).mean()
+
+    def _reference_samples(self, ema_feat: Tensor, ema_logits: Tensor, labels: Tensor, gen: torch.Generator
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The reference's queue samples (``reference_queue_labels``): one permutation of the full-image EMA grid
+        shared by the batch for the features and logits, and the first n entries (unpermuted) of the crop labels
+        stretched (nearest) onto that grid. Returns (feats, logits, labels, stretched labels)."""
+        n = self.cfg.selflabel.pixels_per_image
+        hf, wf = ema_feat.shape[-2:]
+        perm = torch.randperm(hf * wf, generator=gen)[:n].to(ema_feat.device)
+        idx = perm[None].expand(ema_feat.shape[0], -1)
+        stretched = F.interpolate(labels[:, None].float(), size=(hf, wf), mode="nearest")[:, 0].long()
+        feats = safe_normalize(take_pixels(ema_feat, idx), dim=1)
+        logits = safe_normalize(take_pixels(ema_logits, idx), dim=1)
+        q_labels = stretched.flatten(1)[:, :n].reshape(-1)
+        return feats, logits, q_labels, stretched
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self, full: bool = True) -> dict[str, Any]:
+        """The base entries (student, ``ema_model``; optimizer and scheduler when ``full``) plus ``prototypes``,
+        ``prototypes_ema`` and the ``queues``. The queues are in the final checkpoint too (about 69 MB at the
+        paper's 65536 x (256 + 19) floats, next to 2 x 260 MB of networks): they are the state of the
+        class-balanced assignment, which the multi-process tests compare and one may want to inspect."""
+        state = super().state_dict(full)
+        state["prototypes"] = self.prototypes.detach().clone()
+        state["prototypes_ema"] = self.prototypes_ema.detach().clone()
+        state["queues"] = self.queue.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any], path: Any = "checkpoint") -> None:
+        for k in ("prototypes", "prototypes_ema", "queues"):
+            if k not in state:
+                raise CheckpointError(f"{path}: no {k!r} entry (not a resumable stage1 checkpoint)")
+        super().load_state_dict(state, path)
+        for name, t in (("prototypes", self.prototypes), ("prototypes_ema", self.prototypes_ema)):
+            if tuple(state[name].shape) != tuple(t.shape):
+                raise CheckpointError(f"{path}: {name} has shape {tuple(state[name].shape)}, expected {tuple(t.shape)}")
+            with torch.no_grad():
+                t.copy_(state[name])
+        try:
+            self.queue.load_state_dict(state["queues"])
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"{path}: bad queues entry ({err})") from None

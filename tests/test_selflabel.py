@@ -1,0 +1,367 @@
+"""Stage 1 (cpsl.methods.selflabel): each piece on hand-made inputs, then training end to end with kill + resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpsl.config import PseudoSoftConfig, TrainConfig, load
+from cpsl.data.pseudo import quantize_soft, save_soft, soft_path
+from cpsl.data.transforms import WeakParams, full_to_weak
+from cpsl.methods import build_method
+from cpsl.methods.selflabel import (SelfLabel, SoftLabelExtras, consistency_loss, contrastive_loss, cutmix_images,
+                                    cutmix_labels, ema_update, load_class_marginal, load_prototypes, rand_bbox,
+                                    rectify, sample_indices, sce_loss, take_pixels)
+from cpsl.models.checkpoint import load_checkpoint
+from cpsl.steps import pseudo_soft
+from cpsl.train.loop import train
+from tests.train_helpers import (N_CLASS, TINY_MODEL, finish, max_weight_diff, one_thread, pair_dir,  # noqa: F401
+                                 prepared_pair, start_train, train_dict, well_conditioned_init, write_config)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LN_1E4 = -math.log(1e-4)  # 9.2103...
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage-1 inputs for the tiny model (shared with test_selflabel_ddp)
+
+
+def stage1_inputs(base: Path) -> dict[str, str]:
+    """Warm-up products for the tiny pair in ``base``: an init checkpoint (well-conditioned), soft labels made by
+    ``cpsl pseudo-soft`` with it, a prototypes.pt with one zero (never predicted) class and a class marginal."""
+    _, tgt = prepared_pair(base)
+    init = base / "stage1_init.pt"
+    if not init.exists():
+        well_conditioned_init(init)
+    soft = base / "soft"
+    if not (soft / "meta.json").exists():
+        pseudo_soft.run(PseudoSoftConfig(checkpoint=init, data=tgt, device="cpu", workers=0, progress=False), soft)
+    protos = base / "prototypes.pt"
+    if not protos.exists():
+        p = torch.randn(N_CLASS, TINY_MODEL["head_channels"], generator=torch.Generator().manual_seed(0))
+        p[3] = 0.0
+        torch.save({"prototypes": p, "counts": torch.tensor([9, 9, 9, 0])}, protos)
+    dist = base / "class_distribution.npy"
+    if not dist.exists():
+        np.save(dist, np.array([0.4, 0.3, 0.2, 0.1]))
+    return {"init_checkpoint": str(init), "selflabel.soft_labels": str(soft), "selflabel.prototypes": str(protos),
+            "selflabel.class_dist": str(dist)}
+
+
+def stage1_dict(base: Path, **over) -> dict:
+    """A stage-1 train config for the tiny pair; small queues so they fill within two iterations."""
+    opts = {**stage1_inputs(base), "selflabel.queue_length": 32, "selflabel.pixels_per_image": 8, **over}
+    return train_dict(base, "stage1", **opts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def test_load_prototypes_and_marginal(tmp_path):
+    p = torch.tensor([[3.0, 4.0], [0.0, 0.0], [0.0, -2.0]])
+    torch.save({"prototypes": p, "counts": torch.tensor([1, 0, 1])}, tmp_path / "p.pt")
+    got, zero = load_prototypes(tmp_path / "p.pt", 3, 2)
+    assert torch.allclose(got, torch.tensor([[0.6, 0.8], [0.0, 0.0], [0.0, -1.0]])) and zero == [1]
+    torch.save(p, tmp_path / "bare.pt")  # the reference's file: a bare tensor
+    assert torch.equal(load_prototypes(tmp_path / "bare.pt", 3, 2)[0], got)
+    with pytest.raises(Exception, match=r"\[4, 2\]"):
+        load_prototypes(tmp_path / "p.pt", 4, 2)
+    np.save(tmp_path / "d.npy", np.array([2.0, 1.0, 1.0]))
+    assert torch.allclose(load_class_marginal(tmp_path / "d.npy", 3), torch.tensor([0.5, 0.25, 0.25],
+                                                                                   dtype=torch.float64))
+    with pytest.raises(Exception, match="3 non-negative"):
+        np.save(tmp_path / "bad.npy", np.array([1.0, -1.0, 1.0]))
+        load_class_marginal(tmp_path / "bad.npy", 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# full2weak + rectification against a brute-force crop
+
+
+def _smooth(c: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, c, 4, 6, generator=g)
+    return F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)[0]
+
+
+def _brute_force(m: torch.Tensor, p: WeakParams, out_hw: tuple[int, int]) -> torch.Tensor:
+    """The reference's way: upsample the stored map to the image (align_corners=True), resize to the scaled
+    size, crop, flip, downsample to the output grid."""
+    full = F.interpolate(m[None], size=p.orig_hw, mode="bilinear", align_corners=True)
+    scaled = F.interpolate(full, size=p.scaled_hw, mode="bilinear", align_corners=False)
+    y1, x1, h, w = p.crop
+    crop = scaled[..., y1:y1 + h, x1:x1 + w]
+    if p.flip:
+        crop = crop.flip(-1)
+    return F.interpolate(crop, size=out_hw, mode="bilinear", align_corners=False)[0]
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_soft_label_extras_and_rectification_match_brute_force(tmp_path, flip):
+    k, d = 4, 8
+    hm, wm, h0, w0 = 17, 33, 128, 256           # stored at stride 8 (as the (19, 129, 257) labels)
+    soft = F.softmax(3 * _smooth(k, hm, wm, 1), dim=0)
+    feat = _smooth(d, hm, wm, 2)
+    save_soft(soft_path(tmp_path, "img0"), quantize_soft(soft))
+    stored = torch.from_numpy(np.load(soft_path(tmp_path, "img0"))["q"].astype(np.float32) / 255)
+    p = WeakParams((h0, w0), (170, 340), (30, 71, 96, 160), flip)
+    out_hw = (24, 40)                             # the quarter grid of the 96 x 160 crop
+
+    extras = SoftLabelExtras(tmp_path, ["img0"], out_hw, k)
+    got_soft = extras(0, p)["soft"]
+    ref_soft = _brute_force(stored, p, out_hw)
+    assert got_soft.shape == (k, *out_hw) and got_soft.dtype == torch.float32
+    # equal up to the brute force's double interpolation (bilinear of bilinear), which is not exact
+    assert (got_soft - ref_soft).abs().max() < 0.02 and (got_soft - ref_soft).abs().mean() < 2e-3
+    assert torch.allclose(got_soft.sum(0), torch.ones(out_hw), atol=1e-5)  # still a distribution
+    # the same crop without the flip is far off: the test would notice a misaligned mapping
+    unflipped = WeakParams(p.orig_hw, p.scaled_hw, p.crop, not flip)
+    assert (_brute_force(stored, unflipped, out_hw) - got_soft).abs().max() > 0.1
+
+    protos = F.normalize(torch.randn(k, d, generator=torch.Generator().manual_seed(3)), dim=1)
+    f_weak = full_to_weak(feat, p, out_hw)
+    labels, w = rectify(got_soft[None], f_weak[None], protos, tau=0.08)
+    ref_labels, _ = rectify(ref_soft[None], _brute_force(feat, p, out_hw)[None], protos, tau=0.08)
+    assert (labels == ref_labels).float().mean() > 0.97
+    # the formula, pixel by pixel
+    cos = torch.einsum("dhw,kd->khw", F.normalize(f_weak, dim=0), protos)
+    r = F.softmax(cos / 0.08, dim=0) * got_soft
+    assert torch.equal(labels[0], r.argmax(0)) and torch.allclose(w[0], F.softmax(cos / 0.08, dim=0))
+
+
+def test_rectification_by_hand_threshold_and_padding():
+    # 2 classes, 3 pixels. Features equal to prototype 0, prototype 1, and halfway.
+    protos = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    feat = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]).reshape(1, 2, 1, 3)
+    soft = torch.tensor([[0.3, 0.9, 0.6], [0.7, 0.1, 0.4]]).reshape(1, 2, 1, 3)
+    labels, w = rectify(soft, feat, protos, tau=1.0)
+    e = math.e
+    w0 = torch.tensor([e / (e + 1), 1 / (1 + e), 0.5])  # softmax of cos / 1
+    assert torch.allclose(w[0, 0, 0], w0, atol=1e-6)
+    # R = W * soft. Pixel 0: (0.3 e, 0.7) / (e + 1) = (0.815, 0.7) / (e + 1): the prototype turns the soft
+    # label's class 1 into class 0. Pixel 1: (0.9, 0.1 e): class 0. Pixel 2: W = (0.5, 0.5): class 0.
+    assert labels.flatten().tolist() == [0, 0, 0]
+    conf = [0.3 * e / (0.3 * e + 0.7), 0.9 / (0.9 + 0.1 * e), 0.6]     # max R / sum R: 0.538, 0.768, 0.6
+    labels, _ = rectify(soft, feat, protos, tau=1.0, threshold=0.55)
+    assert labels.flatten().tolist() == [255, 0, 0] and conf[0] < 0.55 < min(conf[1:])
+    padded = soft.clone()
+    padded[..., 2] = 0.0  # crop padding: no soft label there
+    assert rectify(padded, feat, protos, tau=1.0)[0].flatten().tolist() == [0, 0, 255]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Losses by hand
+
+
+def test_sce_by_hand_two_classes_two_pixels():
+    # pixel a: p = (0.25, 0.75), label 1; pixel b: p = (0.8, 0.2), label 1; pixel c ignored.
+    logits = torch.tensor([[0.0, math.log(4.0), 5.0], [math.log(3.0), 0.0, 0.0]]).reshape(1, 2, 1, 3)
+    labels = torch.tensor([[[1, 1, 255]]])
+    total, ce, rce = sce_loss(logits, labels, alpha=0.1, beta=1.0)
+    ce_hand = (-math.log(0.75) - math.log(0.2)) / 2                  # 0.948560
+    rce_hand = (0.25 * LN_1E4 + 0.8 * LN_1E4) / 2                     # 4.835429: 9.2103 x wrong-class mass
+    assert ce.item() == pytest.approx(ce_hand, rel=1e-5)
+    assert rce.item() == pytest.approx(rce_hand, rel=1e-5)
+    assert total.item() == pytest.approx(0.1 * ce_hand + rce_hand, rel=1e-5)   # 4.930285
+    assert total.item() == pytest.approx(4.930285, rel=1e-5)
+
+
+def test_consistency_by_hand_two_classes_two_pixels():
+    t = torch.tensor([[0.5, 0.9, 0.3], [0.5, 0.1, 0.7]]).reshape(1, 2, 1, 3)
+    s = torch.log(torch.tensor([[0.25, 0.5, 0.5], [0.75, 0.5, 0.5]])).reshape(1, 2, 1, 3)
+    valid = torch.tensor([[[True, True, False]]])
+    kl_a = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # 0.143841
+    kl_b = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)    # 0.368064
+    got = consistency_loss(t, valid, s)
+    assert got.item() == pytest.approx((kl_a + kl_b) / (2 * 2), rel=1e-5)   # / (#valid pixels x K) = 0.127976
+    # the student gets the gradient, the teacher none
+    s_param = s.clone().requires_grad_(True)
+    consistency_loss(t, valid, s_param).backward()
+    assert s_param.grad[..., 2].abs().max() == 0 and s_param.grad[..., :2].abs().max() > 0
+
+
+def test_contrastive_by_hand():
+    a = torch.tensor([[1.0, 0.0]])
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, 0.8]])
+    ql = torch.tensor([0, 1, 2, 255])
+    tau = 0.5
+    logits = torch.tensor([2.0, 0.0, -2.0]) - 2.0   # a.q / tau - max (the ignored row is left out)
+    neg = math.exp(logits[1]) + math.exp(logits[2])
+    by_hand = -(logits[0] - math.log(math.exp(logits[0]) + neg)) / (1 + 1e-5)
+    assert contrastive_loss(a, torch.tensor([0]), q, ql, tau).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert contrastive_loss(a, torch.tensor([255]), q, ql, tau).item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CutMix, sampling, EMA
+
+
+def test_rand_bbox_area_and_bounds():
+    rng = np.random.default_rng(0)
+    h, w = 512, 896
+    props = []
+    for _ in range(300):
+        y1, x1, y2, x2 = rand_bbox((h, w), rng)
+        assert 0 <= y1 < y2 <= h and 0 <= x1 < x2 <= w
+        assert abs((y2 - y1) * (x2 - x1) / (h * w) - 0.5) < 0.003   # half the crop up to rounding
+        props.append((y2 - y1) / h)
+    props = np.array(props)
+    assert props.min() >= 0.5 - 1e-3 and props.max() <= 1.0
+    # y_prop = exp(U ln 0.5): ln(y_prop) / ln 0.5 is uniform on [0, 1]
+    assert abs(np.mean(np.log(props) / math.log(0.5)) - 0.5) < 0.05
+    # explicit uniforms: u0 = 0 gives a full-height box, the position follows u1, u2
+    assert rand_bbox((h, w), [0.0, 0.0, 1.0]) == (0, 448, 512, 896)
+    assert rand_bbox((h, w), [1.0, 0.5, 0.0]) == (128, 0, 384, 896)
+    assert rand_bbox((h, w), torch.Generator().manual_seed(1)) == rand_bbox((h, w), torch.Generator().manual_seed(1))
+
+
+def test_cutmix_pastes_images_and_labels():
+    g = torch.Generator().manual_seed(0)
+    tgt, src = torch.rand(2, 3, 32, 64, generator=g), torch.rand(2, 3, 32, 64, generator=g)
+    box = (5, 10, 23, 41)
+    mixed = cutmix_images(tgt, src, box)
+    assert torch.equal(mixed[..., 5:23, 10:41], src[..., 5:23, 10:41])
+    inside = torch.zeros(32, 64, dtype=torch.bool)
+    inside[5:23, 10:41] = True
+    assert torch.equal(mixed[..., ~inside], tgt[..., ~inside]) and not torch.equal(mixed, tgt)
+
+    labels = torch.randint(0, 4, (2, 8, 16), generator=g)          # quarter grid of the 32 x 64 crop
+    src_label = torch.randint(0, 4, (2, 32, 64), generator=g)
+    src_label[0, 0, 0] = 255
+    got = cutmix_labels(labels, src_label, box)
+    # brute force at crop resolution: upsample x4 nearest, paste, read each 4x4 cell's centre pixel (4i+2)
+    up = labels.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    up[:, 5:23, 10:41] = src_label[:, 5:23, 10:41]
+    assert torch.equal(got, up[:, 2::4, 2::4])
+    assert not torch.equal(got, labels)
+
+
+def test_sample_indices_prefer_valid_pixels_and_take_pixels():
+    keys = torch.tensor([[0.9, 0.1, 0.5, 0.3, 0.7]])
+    valid = torch.tensor([[True, False, True, True, True]])
+    assert sample_indices(keys, valid, 3).tolist() == [[3, 2, 4]]
+    assert sample_indices(keys, torch.tensor([[False, False, True, False, False]]), 2).tolist() == [[2, 1]]
+    maps = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)   # C=2, h=3, w=4
+    idx = torch.tensor([[0, 5, 11]])
+    assert take_pixels(maps, idx).tolist() == [[0, 12], [5, 17], [11, 23]]
+    assert take_pixels(maps[:, 0].long(), idx).tolist() == [0, 5, 11]
+
+
+def test_ema_update_weights_and_buffers():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+    ema = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+    student[1].running_mean.fill_(3.0)
+    before = [p.detach().clone() for p in ema.parameters()]
+    ema_update(ema, student, 0.9)
+    for b, pe, ps in zip(before, ema.parameters(), student.parameters()):
+        assert torch.allclose(pe, 0.9 * b + 0.1 * ps)
+    assert torch.equal(ema[1].running_mean, student[1].running_mean)   # buffers copied, as the reference
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The method
+
+
+def _ctx():
+    from cpsl.methods import Amp, TrainContext
+    from cpsl.train.dist import DistInfo
+    cpu = torch.device("cpu")
+    return TrainContext(cpu, DistInfo(0, 1, 0, cpu), Amp("off", cpu))
+
+
+def test_method_state_groups_and_gradients(pair_dir):  # noqa: F811
+    cfg = load(TrainConfig, stage1_dict(pair_dir, **{"optim.head_lr_mult": 5.0}))
+    m = build_method(cfg, _ctx())
+    assert isinstance(m, SelfLabel)
+    groups = {g["name"]: g["lr"] for g in m.optimizer.param_groups}
+    assert groups == {"backbone": 0.01, "head": 0.05, "prototypes": 0.05}
+    assert m.zero_prototypes == [3] and m.prototypes[3].abs().max() == 0
+    assert all(not p.requires_grad for p in m.ema.parameters())
+    m.train_mode()
+    assert m.student.training and not m.ema.training                     # ema_mode: eval (default)
+
+    from cpsl.train.data import build_datasets, build_loaders
+    from cpsl.train.loop import to_device
+    loaders = build_loaders(cfg, build_datasets(cfg, m.domains, N_CLASS), rank=0, world_size=1, start_iter=0)
+    batch = {d: to_device(next(iter(ld)), torch.device("cpu")) for d, ld in loaders.items()}
+    assert batch["target"]["soft"].shape == (2, N_CLASS, 8, 16)
+    p0, pe0 = m.prototypes.detach().clone(), m.prototypes_ema.clone()
+    losses = m.step(batch)
+    assert set(losses) == {"ce_source", "cts", "consist", "sl", "contrast", "loss", "cutmix"}
+    assert all(np.isfinite(v) for v in losses.values())
+    assert not torch.equal(m.prototypes.detach(), p0)                     # L_SL trains P
+    assert m.prototypes[3].abs().max() == 0                               # the zero class stays inert
+    assert torch.allclose(m.prototypes_ema, 0.999 * pe0 + 0.001 * m.prototypes.detach())
+    assert m.queue.filled == 16 and m.prototypes_ema.grad is None
+    state = m.state_dict()
+    assert {"ema_model", "prototypes", "prototypes_ema", "queues"} <= set(state)
+
+
+def test_stage1_trains_end_to_end_and_resumes_exactly(tmp_path, pair_dir):  # noqa: F811
+    # Dropout on, BatchNorm in train mode, CutMix on half of the iterations, queues full from iteration 2:
+    # the resumed run must restore the EMA network, P, Pe, the queues, the optimizer and every RNG state.
+    cfg = stage1_dict(pair_dir, max_iters=8, checkpoint_interval=2, log_interval=1)
+    config = write_config(tmp_path / "train.yaml", cfg)
+    killed, full = tmp_path / "killed", tmp_path / "full"
+    victim = start_train(config, killed)
+    last = killed / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert last.exists() and not (killed / "checkpoint.pt").exists()
+    stopped_at = load_checkpoint(last)["iteration"]
+    assert 2 <= stopped_at < 8
+
+    resumed = start_train(config, killed)
+    train(load(TrainConfig, cfg), full)  # the uninterrupted run, in this process
+    assert "resuming from" in finish(resumed)
+
+    a, b = load_checkpoint(killed / "checkpoint.pt"), load_checkpoint(full / "checkpoint.pt")
+    assert a["iteration"] == b["iteration"] == 8
+    for key in ("model", "ema_model"):
+        assert max_weight_diff(a[key], b[key]) <= 1e-6, key
+    for key in ("prototypes", "prototypes_ema"):
+        assert (a[key] - b[key]).abs().max() <= 1e-6, key
+    assert torch.equal(a["queues"]["labels"], b["queues"]["labels"])
+    assert (a["queues"]["feats"] - b["queues"]["feats"]).abs().max() <= 1e-6
+    lines = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == list(range(1, 9))
+    assert any(x["loss/cutmix"] == 1.0 for x in lines) and any(x["loss/contrast"] > 0 for x in lines)
+    assert lines[0]["lr/prototypes"] == pytest.approx(0.05)             # optim.lr 0.01 x proto_lr_mult 5
+    killed_lines = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    keep = ("iteration", "loss/")
+    assert [{k: v for k, v in x.items() if k.startswith(keep)} for x in killed_lines] == \
+        [{k: v for k, v in x.items() if k.startswith(keep)} for x in lines]
+
+
+def test_reference_behaviour_switches_run(pair_dir):  # noqa: F811
+    # ema_mode: train, the reference's misaligned queue/contrastive labels and unnormalised queue scores, plain CE
+    cfg = load(TrainConfig, stage1_dict(pair_dir, **{"selflabel.ema_mode": "train", "selflabel.sce": False,
+                                                     "selflabel.reference_queue_labels": True,
+                                                     "selflabel.reference_queue_scores": True,
+                                                     "selflabel.cutmix_p": 0.0}))
+    m = build_method(cfg, _ctx())
+    from cpsl.train.data import build_datasets, build_loaders
+    from cpsl.train.loop import to_device
+    loaders = build_loaders(cfg, build_datasets(cfg, m.domains, N_CLASS), rank=0, world_size=1, start_iter=0)
+    its = {d: iter(ld) for d, ld in loaders.items()}
+    for i in range(2):
+        m.train_mode()
+        assert m.ema.training
+        losses = m.step({d: to_device(next(it), torch.device("cpu")) for d, it in its.items()})
+        m.schedulers["student"].step()
+        assert all(np.isfinite(v) for v in losses.values()) and losses["cutmix"] == 0.0
+    assert m.queue.full and losses["contrast"] > 0   # the queue filled in iteration 2, then the contrast ran
