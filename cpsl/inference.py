@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cpsl.config import InferenceSettings, ModelConfig
-from cpsl.data.common import read_image
+from cpsl.data.common import publish_dir, read_image, remove_path
 from cpsl.data.prepared import PreparedSplit
 from cpsl.errors import CheckpointError, ConfigError, DataError
 from cpsl.models import build_model
@@ -159,13 +158,6 @@ def _broadcast_str(value: str, info: D.DistInfo) -> str:
     return obj[0]
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
 @contextlib.contextmanager
 def staged_dir(out: str | Path, info: D.DistInfo) -> Iterator[Path]:
     """A hidden folder next to ``out`` that all ranks write into; renamed to ``out`` (replacing it) on success.
@@ -177,25 +169,18 @@ def staged_dir(out: str | Path, info: D.DistInfo) -> Iterator[Path]:
     tmp = out.parent / name
     if info.is_main:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _remove(tmp)
+        remove_path(tmp)
         tmp.mkdir()
     D.barrier()
     try:
         yield tmp
         D.barrier()
         if info.is_main:
-            if out.exists() or out.is_symlink():
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
-                _remove(old)
-                os.replace(out, old)
-                os.replace(tmp, out)
-                _remove(old)
-            else:
-                os.replace(tmp, out)
+            publish_dir(tmp, out)
         D.barrier()
     except BaseException:
         if info.is_main:
-            _remove(tmp)
+            remove_path(tmp)
         raise
 
 

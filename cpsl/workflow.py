@@ -351,6 +351,69 @@ def final_targets(config: dict) -> list[str]:
     return targets
 
 
+# Threads and resources of the rules, from config.yaml's `resources` section (per rule kind, overridable per
+# experiment under experiment_settings.<exp>.resources). evaluate_split counts as `evaluate`; the four inference
+# products (pseudo_soft, prototypes, class_dist, pseudo_hard) as `stage_product`.
+RULE_KINDS = ("synth", "prepare", "train", "evaluate", "stage_product", "collect")
+# threads: CPU cores (OMP_NUM_THREADS, SLURM --cpus-per-task); mem_mb: memory in MB; runtime: wall-clock limit in
+# minutes (SLURM -t); gpu: GPUs (0: the step runs on the CPU; >1: training launched with torchrun, one process
+# per GPU).
+RESOURCE_KEYS = ("threads", "mem_mb", "runtime", "gpu")
+# What a kind gets for a key that config.yaml does not set.
+DEFAULT_RESOURCES = {"threads": 2, "mem_mb": 4000, "runtime": 60, "gpu": 0}
+
+
+def rule_resources(config: dict, kind: str, exp: str | None = None) -> dict[str, int]:
+    """threads, mem_mb, runtime (minutes) and gpu of one rule kind: the built-in defaults, then
+    ``resources.<kind>``, then ``experiment_settings.<exp>.resources.<kind>``. Only training may use more than
+    one GPU."""
+    if kind not in RULE_KINDS:
+        raise ValueError(f"unknown rule kind {kind!r} (known: {', '.join(RULE_KINDS)})")
+    res = dict(DEFAULT_RESOURCES)
+    res.update((config.get("resources") or {}).get(kind) or {})
+    key = f"resources.{kind}"
+    if exp is not None:
+        over = (experiment_settings(config, exp).get("resources") or {}).get(kind) or {}
+        if over:
+            res.update(over)
+            key = f"experiment_settings.{exp}.resources.{kind}"
+    if kind != "train" and res["gpu"] > 1:
+        raise ConfigError(f"config: {key}.gpu: {res['gpu']}: only training runs on several GPUs (use 0 or 1)")
+    return res
+
+
+def check_resources(config: dict) -> dict[str, dict[str, int]]:
+    """Resolve the resources of every rule kind of every selected experiment (``"<exp>/<kind>"``, and
+    ``"collect"``), so that a bad setting stops the workflow when it is parsed, naming the key."""
+    out = {"collect": rule_resources(config, "collect")}
+    for exp in selected_experiments(config):
+        for kind in RULE_KINDS[:-1]:
+            out[f"{exp}/{kind}"] = rule_resources(config, kind, exp)
+    return out
+
+
+def step_command(python: str, step: str, threads: int, gpu: int) -> str:
+    """The shell command, without ``--config``/``--out``, that runs ``cpsl <step>`` with ``threads`` CPU threads
+    on ``gpu`` GPUs.
+
+    gpu 0 hides every GPU (``CUDA_VISIBLE_DEVICES=``), so the step runs on the CPU; gpu 1 runs one process (on the
+    first visible GPU); gpu > 1 (training only) first checks that that many GPUs are visible (``python -m
+    cpsl.gpus N``: a one-line error naming resources.gpu and CUDA_VISIBLE_DEVICES otherwise), then starts one
+    process per GPU with torchrun (``python -m torch.distributed.run --standalone``), each with threads / gpu
+    OpenMP threads.
+    """
+    import shlex
+
+    py = shlex.quote(python)
+    if gpu <= 1:
+        hide = " CUDA_VISIBLE_DEVICES=" if gpu <= 0 else ""
+        return f"OMP_NUM_THREADS={threads}{hide} {py} -m cpsl {step}"
+    if step != "train":
+        raise ValueError(f"cpsl {step} runs on one GPU at most (got gpu={gpu})")
+    return (f"{py} -m cpsl.gpus {gpu} && OMP_NUM_THREADS={max(1, threads // gpu)} {py} -m torch.distributed.run "
+            f"--standalone --nproc_per_node {gpu} -m cpsl {step}")
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     data = C.read_yaml(path)
     if not isinstance(data, dict):

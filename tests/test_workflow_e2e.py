@@ -25,7 +25,12 @@ TINY = {
         "model": {"backbone": "resnet18", "base_width": 8, "head_channels": 16},
         "train": {"data": {"crop": [64, 128], "resize": 128, "batch_size": 2, "workers": 0},
                   "checkpoint_interval": 2},
-        "stages": {"source_only": {"max_iters": 3}, "warmup": {"max_iters": 3}, "oracle": {"max_iters": 3}},
+        "stages": {
+            "source_only": {"max_iters": 3}, "warmup": {"max_iters": 3}, "oracle": {"max_iters": 3},
+            "stage1": {"max_iters": 3, "selflabel": {"pixels_per_image": 16, "queue_length": 64}},
+            "stage2": {"max_iters": 3, "model": {"bn_pretrain": True}, "distill": {"threshold": 0.2}},
+            "stage3": {"max_iters": 3, "model": {"bn_pretrain": True}, "distill": {"threshold": 0.2}},
+        },
         "inference": {"batch_size": 2, "workers": 0},
     }},
 }
@@ -55,7 +60,8 @@ def test_demo_workflow_builds_the_results_table(demo_run):
     res = demo_run / "results"
     rows = list(csv.DictReader((res / "summary.csv").open()))
     assert [(r["stage"], r["split"]) for r in rows] == [
-        ("source_only", "target_val"), ("warmup", "target_val"), ("oracle", "target_val"),
+        ("source_only", "target_val"), ("warmup", "target_val"), ("stage1", "target_val"),
+        ("stage2", "target_val"), ("stage3", "target_val"), ("oracle", "target_val"),
         ("source_only", "source_val")]
     for r in rows:
         assert 0.0 <= float(r["miou"]) <= 100.0 and r["experiment"] == "demo" and r["seed"] == "0"
@@ -69,6 +75,14 @@ def test_demo_workflow_builds_the_results_table(demo_run):
     assert (res / "demo/seed0/warmup/prototypes/prototypes.pt").is_file()
     assert (res / "demo/seed0/warmup/class_dist/class_distribution.npy").is_file()
     assert len(list((res / "demo/seed0/warmup/pseudo_soft").rglob("*.npz"))) == 8
+    # the chain: stage 1 from the warm-up model, stage 2 taught by stage 1, stage 3 from and taught by stage 2
+    s1 = yaml.safe_load((res / "demo/seed0/stage1/config.yaml").read_text())
+    # paths in the resolved configs are as config.yaml gives them (results_dir is relative to the workdir)
+    assert s1["init_checkpoint"] == "results/demo/seed0/warmup/checkpoint.pt"
+    assert len(list((res / "demo/seed0/stage1/pseudo_hard").rglob("*_conf.png"))) == 8
+    s3 = json.loads((res / "demo/seed0/stage3/train_summary.json").read_text())
+    assert s3["student_init"] == "checkpoint:results/demo/seed0/stage2/checkpoint.pt"
+    assert s3["teacher_bn_pretrain"] is True
     # logs and benchmarks for every rule
     assert (res / "demo/logs/seed0/train_warmup.log").is_file()
     assert (res / "demo/benchmarks/seed0/train_warmup.tsv").is_file()
@@ -81,14 +95,25 @@ def test_nothing_left_to_do_after_a_complete_run(demo_run):
     assert "Nothing to be done" in res.stdout + res.stderr
 
 
-def test_changing_one_stage_setting_reruns_that_stage_and_its_dependents_only(demo_run):
+@pytest.mark.parametrize(
+    "stage, key, value, expected",
+    [
+        ("oracle", "max_iters", 4, {"train": 1, "evaluate": 1, "collect": 1, "all": 1, "total": 4}),
+        # stage 1 and everything downstream of it (its hard labels, stages 2-3, their evaluations), nothing
+        # upstream (no synth, prepare, warm-up or warm-up products)
+        ("stage1", "selflabel", {"pixels_per_image": 16, "queue_length": 64, "sl_weight": 0.2},
+         {"train": 3, "stage_product": 2, "evaluate": 3, "collect": 1, "all": 1, "total": 10}),
+    ],
+)
+def test_changing_one_stage_setting_reruns_that_stage_and_its_dependents_only(demo_run, stage, key, value,
+                                                                              expected):
     changed = json.loads(json.dumps(TINY))
-    changed["experiment_settings"]["demo"]["stages"]["oracle"]["max_iters"] = 4
+    changed["experiment_settings"]["demo"]["stages"][stage][key] = value
     (demo_run / "tiny.yaml").write_text(yaml.safe_dump(changed))
     try:
         res = snakemake(demo_run, "-n")
         assert res.returncode == 0, res.stderr[-2000:]
-        assert job_counts(res.stdout) == {"train": 1, "evaluate": 1, "collect": 1, "all": 1, "total": 4}
-        assert "wildcards: exp=demo, seed=0, stage=oracle" in res.stdout
+        assert job_counts(res.stdout) == expected
+        assert f"wildcards: exp=demo, seed=0, stage={stage}" in res.stdout
     finally:
         (demo_run / "tiny.yaml").write_text(yaml.safe_dump(TINY))

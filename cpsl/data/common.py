@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,32 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file, link or folder tree if it exists (a leftover temp output)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def publish_dir(tmp: Path, out: Path) -> None:
+    """Move a finished temp folder ``tmp`` to ``out`` (same parent folder), replacing an old ``out`` only now.
+
+    Steps that write a folder build it under a hidden temp name and publish it at the end, so an interrupted
+    step leaves neither a partial ``out`` nor a damaged previous one.
+    """
+    tmp, out = Path(tmp), Path(out)
+    if out.exists() or out.is_symlink():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        remove_path(old)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        remove_path(old)
+    else:
+        os.replace(tmp, out)
 
 
 def pair_by_name(

@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from cpsl.config import SynthConfig
+from cpsl.data.common import publish_dir
 from cpsl.labels import CITYSCAPES_LABELS, CLASSES_19, NAME_TO_LABEL_ID
 
 SOURCE, TARGET = 0, 1
@@ -981,13 +982,7 @@ def generate(cfg: SynthConfig, out: Path) -> dict:
                     d = tmp / "cityscapes" / kind / split / city
                     if not any(d.iterdir()):
                         d.rmdir()
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

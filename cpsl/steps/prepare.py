@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,7 +32,7 @@ import cpsl
 from cpsl import labels
 from cpsl.config import PrepareConfig
 from cpsl.data import get_format
-from cpsl.data.common import Problem, Sample, read_image, write_label_png
+from cpsl.data.common import Problem, Sample, publish_dir, read_image, remove_path, write_label_png
 from cpsl.errors import DataError
 
 MAX_LISTED_ON_STDERR = 50
@@ -201,25 +200,6 @@ def _write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` folder to ``out``, replacing an old ``out`` only now."""
-    if out.exists() or out.is_symlink():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        _remove(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        _remove(old)
-    else:
-        os.replace(tmp, out)
-
-
 def run(cfg: PrepareConfig, out: Path) -> dict:
     """Prepare ``cfg.dataset`` into ``out``; returns the meta.json content. Raises DataError/ConfigError."""
     ds = cfg.dataset
@@ -236,7 +216,7 @@ def run(cfg: PrepareConfig, out: Path) -> dict:
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove(tmp)
+    remove_path(tmp)
     try:
         tmp.mkdir()
         job = _Job(
@@ -270,9 +250,9 @@ def run(cfg: PrepareConfig, out: Path) -> dict:
                 f"({len(problems)} skipped{first}) (dataset.root)"
             )
         meta = _write_outputs(tmp, kept, counts, problems, class_names, root, cfg)
-        _publish(tmp, out)
+        publish_dir(tmp, out)
     except BaseException:
-        _remove(tmp)
+        remove_path(tmp)
         raise
     if problems:
         _report_skipped(problems)

@@ -12,7 +12,13 @@ rule collect:
         md=RESULTS / "summary.md",
     log:
         RESULTS / "logs" / "collect.log",
+    benchmark:
+        RESULTS / "benchmarks" / "collect.tsv"
+    threads: threads_of("collect")
+    resources:
+        **resources_of("collect"),
     params:
         out=lambda wc, output: str(Path(output.csv).parent),
+        cmd=command_of("collect"),
     shell:
-        "{CPSL} collect --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"
+        "{params.cmd} --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"

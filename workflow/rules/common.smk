@@ -10,6 +10,7 @@ from cpsl.errors import ConfigError
 try:
     W.check_schema(config, workflow.source_path("../schemas/config.schema.yaml"))
     STEP_CONFIGS = W.step_config_files(config)
+    W.check_resources(config)
 except ConfigError as err:
     # One line naming the key, instead of a traceback through the Snakefile.
     print(f"cpsl-pipeline: error: {err}", file=sys.stderr)
@@ -22,6 +23,25 @@ EXPERIMENTS = W.selected_experiments(config)
 
 
 def step_config(exp, step, seed=None):
-    """The resolved config file of one step (an input of its rule, so a changed setting reruns it)."""
+    """The resolved config file of one step, an input of its rule: the workflow rewrites it only when the
+    settings change, so a changed setting reruns the step and what depends on it. A setting changed and
+    changed back reruns nothing (Snakemake compares the file's checksum with the one recorded for the output).
+    """
     tag = f"{exp}/{step}" if seed is None else f"{exp}/seed{seed}/{step}"
     return STEP_CONFIGS[tag]
+
+
+def threads_of(kind):
+    """`threads:` of a rule kind, from config.yaml's `resources` (per experiment where the rule has one)."""
+    return lambda wc: W.rule_resources(config, kind, getattr(wc, "exp", None))["threads"]
+
+
+def resources_of(kind):
+    """`resources:` (mem_mb, runtime in minutes, gpu) of a rule kind, from config.yaml's `resources`."""
+    return {key: (lambda wc, key=key: W.rule_resources(config, kind, getattr(wc, "exp", None))[key])
+            for key in ("mem_mb", "runtime", "gpu")}
+
+
+def command_of(step):
+    """The shell command that runs `cpsl <step>` with the job's threads and GPUs (torchrun for gpu > 1)."""
+    return lambda wc, threads, resources: W.step_command(sys.executable, step, threads, resources.gpu)

@@ -11,9 +11,13 @@ rule synth:
         RESULTS / "{exp}" / "logs" / "synth.log",
     benchmark:
         RESULTS / "{exp}" / "benchmarks" / "synth.tsv"
-    threads: 2
+    threads: threads_of("synth")
+    resources:
+        **resources_of("synth"),
+    params:
+        cmd=command_of("synth"),
     shell:
-        "OMP_NUM_THREADS={threads} {CPSL} synth --config {input.config:q} --out {output:q} > {log:q} 2>&1"
+        "{params.cmd} --config {input.config:q} --out {output:q} > {log:q} 2>&1"
 
 
 def prepare_inputs(wc):
@@ -35,6 +39,10 @@ rule prepare:
         RESULTS / "{exp}" / "benchmarks" / "prepare_{role}.tsv"
     wildcard_constraints:
         role="|".join(W.DATASET_ROLES),
-    threads: 2
+    threads: threads_of("prepare")
+    resources:
+        **resources_of("prepare"),
+    params:
+        cmd=command_of("prepare"),
     shell:
-        "OMP_NUM_THREADS={threads} {CPSL} prepare --config {input.config:q} --out {output:q} > {log:q} 2>&1"
+        "{params.cmd} --config {input.config:q} --out {output:q} > {log:q} 2>&1"

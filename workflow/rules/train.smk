@@ -28,11 +28,15 @@ rule train:
     wildcard_constraints:
         stage=STAGE_RE,
         seed=r"\d+",
-    threads: 2
+    threads: threads_of("train")
+    resources:
+        **resources_of("train"),
     params:
         out=lambda wc, output: str(Path(output[0]).parent),
+        cmd=command_of("train"),
     shell:
-        "OMP_NUM_THREADS={threads} {CPSL} train --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"
+        # with resources.gpu > 1, cmd is "<GPU check> && <torchrun ...>": the braces send both to the log
+        "{{ {params.cmd} --config {input.config:q} --out {params.out:q}; }} > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -50,11 +54,14 @@ rule evaluate:
     wildcard_constraints:
         stage=STAGE_RE,
         seed=r"\d+",
-    threads: 2
+    threads: threads_of("evaluate")
+    resources:
+        **resources_of("evaluate"),
     params:
         out=lambda wc, output: str(Path(output[0]).parent),
+        cmd=command_of("evaluate"),
     shell:
-        "OMP_NUM_THREADS={threads} {CPSL} evaluate --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"
+        "{params.cmd} --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule evaluate_split:
@@ -73,11 +80,14 @@ rule evaluate_split:
         stage=STAGE_RE,
         seed=r"\d+",
         role="|".join(W.DATASET_ROLES),
-    threads: 2
+    threads: threads_of("evaluate")
+    resources:
+        **resources_of("evaluate"),
     params:
         out=lambda wc, output: str(Path(output[0]).parent),
+        cmd=command_of("evaluate"),
     shell:
-        "OMP_NUM_THREADS={threads} {CPSL} evaluate --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"
+        "{params.cmd} --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule stage_product:
@@ -98,8 +108,12 @@ rule stage_product:
         stage=STAGE_RE,
         seed=r"\d+",
         product="|".join(W.PRODUCTS),
-    threads: 2
+    threads: threads_of("stage_product")
+    resources:
+        **resources_of("stage_product"),
     params:
-        step=lambda wc: wc.product.replace("_", "-"),
+        cmd=lambda wc, threads, resources: W.step_command(
+            sys.executable, wc.product.replace("_", "-"), threads, resources.gpu
+        ),
     shell:
-        "OMP_NUM_THREADS={threads} {CPSL} {params.step} --config {input.config:q} --out {output:q} > {log:q} 2>&1"
+        "{params.cmd} --config {input.config:q} --out {output:q} > {log:q} 2>&1"
