@@ -49,7 +49,7 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path, pair_dir):  #
     a, b = load_checkpoint(killed / "checkpoint.pt"), load_checkpoint(full / "checkpoint.pt")
     assert a["iteration"] == b["iteration"] == 30
     assert max_weight_diff(a["model"], b["model"]) <= 1e-6  # in practice bit-identical
-    assert not last.exists()  # the resumable state is dropped once the final model is written
+    assert load_checkpoint(last)["iteration"] == 30  # the resumable state is kept at the final iteration
     assert _losses(killed / "metrics.jsonl") == _losses(full / "metrics.jsonl")  # one line per iteration, 1..30
     summary = json.loads((killed / "train_summary.json").read_text())
     assert summary["resumed_from"] == stopped_at

@@ -44,7 +44,9 @@ def test_lr_per_group_and_outputs(tmp_path, pair_dir):  # noqa: F811
     final = load_checkpoint(tmp_path / "checkpoint.pt")
     assert final["iteration"] == 5 and final["config"]["stage"] == "warmup" and final["seed"] == cfg.seed
     assert "discriminator" in final and "optimizer" not in final
-    assert not (tmp_path / "checkpoints" / "last.pt").exists()
+    # the resumable state is kept at max_iters (a rerun after losing checkpoint.pt rebuilds it, no retraining)
+    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert last["iteration"] == 5 and "optimizer" in last
     assert json.loads((tmp_path / "train_summary.json").read_text())["iterations"] == summary["iterations"] == 5
 
 
@@ -160,3 +162,22 @@ def test_cli_stage_check_and_resume_config_check(tmp_path, pair_dir, capsys):  #
     cfg2 = train_config(pair_dir, "source_only", max_iters=3, checkpoint_interval=1, **{"optim.lr": 0.5})
     with pytest.raises(CheckpointError, match=r"optim.lr: 0.01 there, 0.5 now"):
         train(cfg2, out)
+
+
+def test_finished_run_rebuilds_a_lost_final_checkpoint_and_restarts_on_new_settings(tmp_path, pair_dir):  # noqa: F811
+    out = tmp_path / "o"
+    cfg = train_config(pair_dir, "source_only", max_iters=3, checkpoint_interval=2)
+    train(cfg, out)
+    first = load_checkpoint(out / "checkpoint.pt")["model"]
+    # a job killed right after the final save loses checkpoint.pt (Snakemake deletes a failed job's outputs):
+    # the rerun rebuilds it from last.pt at max_iters without training again
+    (out / "checkpoint.pt").unlink()
+    summary = train(cfg, out)
+    assert summary["resumed_from"] == 3 and summary["time_per_iter"] is None
+    rebuilt = load_checkpoint(out / "checkpoint.pt")["model"]
+    assert all(torch.equal(first[k], rebuilt[k]) for k in first)
+    # the workflow reruns a finished stage whose settings changed: it starts over instead of refusing
+    cfg2 = train_config(pair_dir, "source_only", max_iters=3, checkpoint_interval=2, **{"optim.lr": 0.05})
+    summary = train(cfg2, out)
+    assert summary["resumed_from"] == 0
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["optim"]["lr"] == 0.05

@@ -12,7 +12,9 @@
 Outputs in ``out`` (written by rank 0 only)::
 
     checkpoints/last.pt   resumable state (networks, optimizers, schedulers, grad scaler, iteration, RNG states
-                          of every rank, config, seed); removed once the final checkpoint is written
+                          of every rank, config, seed); kept at max_iters after the end, so a job killed
+                          after the final save (and whose checkpoint.pt Snakemake then deletes) finishes on
+                          rerun without retraining; a finished run with other settings is discarded on rerun
     checkpoint.pt         the final model (networks only, ``iteration`` = max_iters, config, seed)
     metrics.jsonl         one JSON object per log line: iteration, loss/<name> (mean over the last
                           log_interval iterations), lr/<group> (the rate used by that iteration), time_iter,
@@ -27,7 +29,6 @@ those of an uninterrupted run. The checkpoint's config must match (except worker
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import sys
@@ -87,6 +88,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def _settings_differ(state: dict[str, Any], cfg: TrainConfig) -> bool:
+    old, new = _flatten(state.get("config") or {}), _flatten(to_dict(cfg))
+    return any(old.get(k) != new.get(k) for k in set(old) | set(new) if k not in RESUME_FREE_KEYS)
 
 
 def check_resume_config(state: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
@@ -205,6 +211,16 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     last_path, start, state = out / LAST, 0, None
     if last_path.is_file():
         state = load_checkpoint(last_path)
+        finished = int(state.get("iteration", 0)) >= int((state.get("config") or {}).get("max_iters", -1))
+        if finished and _settings_differ(state, cfg):
+            # a completed run with other settings (the workflow reruns a stage whose settings changed): its
+            # final model was already published, so start over instead of refusing
+            _say(info, f"{last_path} is a finished run with other settings; starting over")
+            state = None
+            if info.is_main:
+                last_path.unlink(missing_ok=True)
+            D.barrier()
+    if state is not None:
         check_resume_config(state, cfg, last_path)
         method.load_state_dict(state, last_path)
         amp.load_state_dict(state.get("extra", {}).get("grad_scaler", {}))
@@ -279,15 +295,18 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
                "final_losses": last_losses, "time_per_iter": float(np.mean(per_iter)) if per_iter else None,
                "wall_time_s": time.perf_counter() - t_start, "device": str(info.device),
                "world_size": info.world_size, "global_batch": cfg.data.batch_size, **method.describe()}
+    if last_saved != cfg.max_iters:  # all ranks: gathering the RNG states is a collective
+        rng_states = gather_rng_states()
+        if info.is_main:
+            save_checkpoint(last_path, _resumable_state(method, cfg, cfg.max_iters, amp, rng_states))
     if info.is_main:
         final = make_checkpoint(method.student, cfg.model, iteration=cfg.max_iters, config=to_dict(cfg),
                                 seed=cfg.seed, rng=capture_rng_state(),
                                 extra={"stage": cfg.stage, **method.describe()},
                                 **{k: v for k, v in method.state_dict(full=False).items() if k != "model"})
         save_checkpoint(out / FINAL, final)
-        last_path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            last_path.parent.rmdir()  # only if empty
+        # last.pt (now at max_iters) is kept: if the job is killed before it exits (a time limit), Snakemake
+        # deletes checkpoint.pt as a failed output, and the rerun rebuilds it from last.pt without retraining
         atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     D.barrier()
     return summary
