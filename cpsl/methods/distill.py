@@ -75,7 +75,7 @@ from cpsl.errors import ConfigError, DataError
 from cpsl.inference import load_model_from_checkpoint
 from cpsl.labels import IGNORE_INDEX
 from cpsl.methods.base import Method, TrainContext, set_requires_grad
-from cpsl.methods.losses import seg_cross_entropy, upsample
+from cpsl.methods.losses import global_mean, seg_cross_entropy, upsample
 
 KD_MODES = ("kl", "reference")
 
@@ -222,14 +222,7 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     per_pixel = (log_t.exp() * (log_t - log_s)).sum(1)
     if valid is None:
         valid = torch.ones_like(per_pixel, dtype=torch.bool)
-    total = (per_pixel * valid).sum()
-    count = valid.sum().to(total.dtype)
-    world = _world_size()
-    if world > 1:
-        count = count.detach().clone()
-        dist.all_reduce(count)
-        count = count / world
-    return total / count.clamp(min=1.0)
+    return global_mean((per_pixel * valid).sum(), valid.sum())
 
 
 def kd_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

@@ -30,13 +30,21 @@ def seg_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: 
     the global batch, as the reference's DataParallel computes it, whatever the per-rank counts are.
     """
     loss_sum = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
-    count = (target != ignore_index).sum().to(loss_sum.dtype)
+    return global_mean(loss_sum, (target != ignore_index).sum())
+
+
+def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count`` where ``count`` is the per-rank number of valid pixels: under DDP the count is summed
+    over the ranks and the local sum divided by ``count / world_size``, so that the averaged gradients equal
+    those of the mean over the global batch. At least one pixel, so an all-ignored batch gives 0.
+    """
+    count = count.to(total.dtype)
     world = _world_size()
     if world > 1:
         count = count.detach().clone()
         dist.all_reduce(count)
         count = count / world
-    return loss_sum / count.clamp(min=1.0)
+    return total / count.clamp(min=1.0)
 
 
 def gan_loss(d_out: torch.Tensor, label: float, kind: str = "LS") -> torch.Tensor:
