@@ -61,7 +61,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
@@ -203,10 +202,6 @@ def pseudo_targets(target: dict[str, Any], stride: int, strong_view: bool) -> tu
 
 # ---------------------------------------------------------------------------------------------------------
 # KD terms
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
