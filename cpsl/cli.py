@@ -80,10 +80,25 @@ def run_step(step: Step, config_path: Path, out: Path, stage: str | None = None)
     if stage is not None and getattr(cfg, "stage", stage) != stage:
         raise C.ConfigError(f"{config_path}: stage: the config says {cfg.stage!r} but --stage is {stage!r}")
     module, func = step.function.split(":")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes files
+    if main_rank:
+        provenance.remove_stale_temps(out)  # temp files of atomic writes by a killed run of this step
     getattr(importlib.import_module(module), func)(cfg, out)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 writes files
+    if main_rank:
         provenance.record_run(out, step.name, C.to_dict(cfg), seed=getattr(cfg, "seed", None),
                               prefix=step.record_as)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line. An error raised in a DataLoader worker process (decoding a bad image)
+    reaches this process as ``Caught DataError in DataLoader worker process 0.`` followed by the worker's
+    traceback, whose last line is ``cpsl.errors.DataError: <message>``: that message is the one shown."""
+    text = str(err).strip()
+    lines = text.splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "Original Traceback" in text:
+        name = f"{type(err).__module__}.{type(err).__qualname__}: "
+        text = lines[-1].removeprefix(name)
+    return " ".join(text.splitlines())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_step(step, args.config, args.out, getattr(args, "stage", None))
     except CpslError as err:
-        print(f"cpsl {step.name}: error: {err}", file=sys.stderr)
+        print(f"cpsl {step.name}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cpsl {step.name}: interrupted", file=sys.stderr)

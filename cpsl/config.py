@@ -308,12 +308,14 @@ class EvaluateConfig(InferenceSettings):
     flip: bool = False            # also average the horizontally flipped pass (probabilities)
     input_size: list[int] | None = None   # [height, width] to resize images to before the model
     align_corners: bool = True
+    samples: int = 4              # predictions of the first N images saved in the Cityscapes palette (samples/)
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)
         if self.input_size is not None:
             _check(len(self.input_size) == 2 and all(v >= 8 for v in self.input_size),
                    _join(prefix, "input_size"), f"must be [height, width], each >= 8 (got {self.input_size})")
+        _check(self.samples >= 0, _join(prefix, "samples"), f"must be >= 0 (got {self.samples})")
         for name in ("stage", "experiment"):
             value = getattr(self, name)
             _check(value is None or (value.strip() != "" and "/" not in value), _join(prefix, name),

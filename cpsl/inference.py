@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from cpsl.config import InferenceSettings, ModelConfig
-from cpsl.data.common import publish_dir, read_image, remove_path
+from cpsl.data.common import publish_dir, read_image, remove_path, remove_stale_staging
 from cpsl.data.prepared import PreparedSplit
 from cpsl.errors import CheckpointError, ConfigError, DataError
 from cpsl.models import build_model
@@ -162,13 +162,15 @@ def _broadcast_str(value: str, info: D.DistInfo) -> str:
 def staged_dir(out: str | Path, info: D.DistInfo) -> Iterator[Path]:
     """A hidden folder next to ``out`` that all ranks write into; renamed to ``out`` (replacing it) on success.
 
-    On an error the folder is removed (by rank 0) and ``out`` is left as it was.
+    On an error the folder is removed (by rank 0) and ``out`` is left as it was; the folder of a run that was
+    killed (no cleanup code runs) is removed by the next run.
     """
     out = Path(os.path.abspath(out))
     name = _broadcast_str(f".{out.name}.tmp-{os.getpid()}", info)
     tmp = out.parent / name
     if info.is_main:
         out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(out)  # what a killed run left
         remove_path(tmp)
         tmp.mkdir()
     D.barrier()

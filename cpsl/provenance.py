@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -30,11 +31,49 @@ def git_commit() -> str:
         return "unknown"
 
 
+def temp_prefix(path: Path) -> str:
+    """``mkstemp`` prefix of the temp file of an atomic write to ``path`` (suffix ``.tmp``): it holds the writer's
+    process id, so that a later run can tell the temp file of a writer that was killed (``remove_stale_temps``)."""
+    return f".{path.name}.{os.getpid()}-"
+
+
+_TEMP_FILE = re.compile(r"\..+\.(\d+)-\w+\.tmp")
+
+
+def pid_running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a temp file of a running writer must be left alone)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> None:
+    """Delete the temp files (``temp_prefix``) that killed writers left in ``folder`` (SIGKILL, a time limit: no
+    cleanup code runs), such as a half-written checkpoint; those of running processes stay."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        m = _TEMP_FILE.fullmatch(entry.name)
+        if m and entry.is_file(follow_symlinks=False) and not pid_running(int(m.group(1))):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

@@ -62,7 +62,7 @@ def check_schema(config: dict, schema_path: str | Path) -> None:
         extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
         raise ConfigError(f"config: {key + '.' if err.absolute_path else ''}{extra[0]}: unknown setting "
                           f"(allowed: {', '.join(err.schema.get('properties', {}))})")
-    if err.validator == "propertyNames":
+    if err.validator == "propertyNames" or "propertyNames" in err.schema_path:  # a bad experiment name
         raise ConfigError(f"config: {key}: bad name {err.instance!r} (letters, digits, _ . - only)")
     raise ConfigError(f"config: {key}: {err.message}")
 
@@ -85,7 +85,13 @@ def selected_experiments(config: dict) -> list[str]:
 
 
 def results_dir(config: dict) -> Path:
-    return Path(config.get("results_dir", "results"))
+    """``results_dir``; any folder name works (the rules quote every path they hand to the shell) except one
+    with braces, which Snakemake would read as wildcards in every output path."""
+    value = str(config.get("results_dir", "results"))
+    if "{" in value or "}" in value:
+        raise ConfigError(f"config: results_dir: {value!r} contains '{{' or '}}', which Snakemake reads as a "
+                          "wildcard; choose another folder")
+    return Path(value)
 
 
 def seeds(config: dict, exp: str) -> list[int]:
@@ -190,6 +196,15 @@ def stages(config: dict, exp: str) -> list[str]:
                 raise ConfigError(f"config: experiment_settings.{exp}.stages.{stage}: needs stage {needed!r} "
                                   f"(for {key}), which is not in the experiment's stages")
     return chosen
+
+
+def chain_priority(stage: str) -> int:
+    """Snakemake priority of a stage's training and of the products made from it: the number of later stages
+    that wait for it (warmup 3 ... stage3 0, source_only and oracle 0, scaled by 10 so that a stage's products
+    (priority + 5) come between it and the next stage). With few cores, the scheduler then runs the
+    warm-up -> stage 1 -> 2 -> 3 chain first and fits the baselines beside it."""
+    waiting = {"warmup": 3, "stage1": 2, "stage2": 1}
+    return 10 * waiting.get(stage, 0)
 
 
 def product_path(config: dict, exp: str, seed: int, stage: str, product: str) -> Path:

@@ -70,3 +70,37 @@ def test_bad_metrics_file_is_named(tmp_path):
     bad.write_text(json.dumps({"stage": "warmup"}))
     with pytest.raises(DataError, match="lacks experiment, seed, miou, per_class"):
         collect.run(CollectConfig(metrics=[bad], plots=False), tmp_path / "out")
+
+
+def _palette_png(path, ids):
+    from PIL import Image
+
+    from cpsl.labels import palette
+
+    img = Image.frombytes("P", (ids.shape[1], ids.shape[0]), ids.tobytes())
+    img.putpalette(palette(CLASSES_19).flatten().tolist())
+    img.save(path)
+
+
+def test_sample_predictions_figure(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    res = tmp_path / "results"
+    image, label = tmp_path / "img.png", tmp_path / "label.png"
+    Image.fromarray(np.full((40, 80, 3), 200, np.uint8)).save(image)
+    Image.fromarray(np.full((40, 80), 2, np.uint8)).save(label)  # building everywhere
+    files = []
+    for stage, cls in (("warmup", 0), ("stage1", 13)):  # road, car
+        files.append(write_metrics(res, "demo", 0, stage, 10.0, 5.0))
+        samples = files[-1].parent / "samples"
+        samples.mkdir()
+        _palette_png(samples / "a.png", np.full((40, 80), cls, np.uint8))
+        (samples / "index.json").write_text(json.dumps(
+            [{"name": "a", "image": str(image), "label": str(label), "prediction": "a.png"}]))
+    made = collect.run(CollectConfig(metrics=files), res)["plots"]
+    path = res / "plots" / "demo_seed0_samples.png"
+    assert str(path) in made
+    colours = {tuple(c) for c in np.array(Image.open(path).convert("RGB")).reshape(-1, 3)}
+    for rgb in ((128, 64, 128), (0, 0, 142), (70, 70, 70), (200, 200, 200)):  # road, car, building label, image
+        assert rgb in colours

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import Image
 
 from cpsl import cli, inference
 from cpsl.config import (ClassDistConfig, EvaluateConfig, ImportCheckpointConfig, ModelConfig, PrototypesConfig,
@@ -109,6 +110,17 @@ def test_evaluate_hand_checked_miou(tmp_path, monkeypatch):
     assert "miou13" not in metrics
     cm = np.load(out / "confusion.npy")
     assert cm.dtype == np.int64 and cm.shape == (19, 19) and cm.sum() == 14 and cm[0, 0] == 4 and cm[2, 0] == 1
+    # the predictions of the first images, as palette PNGs: values are the train ids, colours Cityscapes'
+    index = json.loads((out / "samples" / "index.json").read_text())
+    split = PreparedSplit(data)
+    assert [e["name"] for e in index] == split.names[:2]
+    for entry, pred in zip(index, PRED):
+        assert entry["image"] == str(split.image_paths[split.names.index(entry["name"])])
+        png = Image.open(out / "samples" / entry["prediction"])
+        assert png.mode == "P" and np.array_equal(np.array(png), pred)
+        assert png.getpalette()[:9] == [128, 64, 128, 244, 35, 232, 70, 70, 70]  # road, sidewalk, building
+    none = evaluate.run(EvaluateConfig(checkpoint=tmp_path / "ck.pt", data=data, samples=0, **_kw()), tmp_path / "n")
+    assert none["miou"] == metrics["miou"] and not (tmp_path / "n" / "samples").exists()
     # recorded names fall back to the checkpoint's own config
     metrics = evaluate.run(EvaluateConfig(checkpoint=tmp_path / "ck.pt", data=data, **_kw()), tmp_path / "e2")
     assert (metrics["stage"], metrics["experiment"], metrics["seed"]) == ("stage1", "demo", 5)

@@ -82,8 +82,12 @@ def test_resolution_writes_step_configs_only_when_changed(shipped, tmp_path):
         "collect", "demo/prepare_source", "demo/prepare_source_val", "demo/prepare_target_train", "demo/prepare_target_val",
         "demo/seed0/class_dist_warmup", "demo/seed0/evaluate_oracle_target_val",
         "demo/seed0/evaluate_source_only_source_val", "demo/seed0/evaluate_source_only_target_val",
-        "demo/seed0/evaluate_warmup_target_val", "demo/seed0/prototypes_warmup", "demo/seed0/pseudo_soft_warmup",
-        "demo/seed0/train_oracle", "demo/seed0/train_source_only", "demo/seed0/train_warmup", "demo/synth"]
+        "demo/seed0/evaluate_stage1_target_val", "demo/seed0/evaluate_stage2_target_val",
+        "demo/seed0/evaluate_stage3_target_val", "demo/seed0/evaluate_warmup_target_val",
+        "demo/seed0/prototypes_warmup", "demo/seed0/pseudo_hard_stage1", "demo/seed0/pseudo_hard_stage2",
+        "demo/seed0/pseudo_soft_warmup", "demo/seed0/train_oracle", "demo/seed0/train_source_only",
+        "demo/seed0/train_stage1", "demo/seed0/train_stage2", "demo/seed0/train_stage3", "demo/seed0/train_warmup",
+        "demo/synth"]
     prep = yaml.safe_load(files["demo/prepare_target_val"].read_text())
     assert prep["dataset"] == {"format": "cityscapes", "root": str(tmp_path / "results/demo/synth/cityscapes"),
                                "split": "val", "n_class": 19, "allow_skip": False, "expected_size": None,

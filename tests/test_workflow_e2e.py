@@ -87,6 +87,17 @@ def test_demo_workflow_builds_the_results_table(demo_run):
     assert (res / "demo/logs/seed0/train_warmup.log").is_file()
     assert (res / "demo/benchmarks/seed0/train_warmup.tsv").is_file()
     assert (res / "plots/demo_per_class.png").is_file()
+    # target-val predictions of every stage in the Cityscapes palette, side by side
+    assert json.loads((res / "demo/seed0/stage3/samples/index.json").read_text())[0]["prediction"].endswith(".png")
+    assert (res / "plots/demo_seed0_samples.png").is_file()
+
+
+def test_report_shows_the_table_and_plots(demo_run):
+    res = snakemake(demo_run, "--report", "report.html")
+    assert res.returncode == 0, res.stderr[-2000:]
+    html = (demo_run / "report.html").read_text(errors="replace")
+    for name in ("summary.csv", "demo_per_class.png", "demo_seed0_curves.png", "demo_seed0_samples.png"):
+        assert name in html, name
 
 
 def test_nothing_left_to_do_after_a_complete_run(demo_run):
@@ -117,3 +128,34 @@ def test_changing_one_stage_setting_reruns_that_stage_and_its_dependents_only(de
         assert f"wildcards: exp=demo, seed=0, stage={stage}" in res.stdout
     finally:
         (demo_run / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+
+
+def _paper_overlay(workdir: Path, roots: dict[str, str | None]) -> None:
+    sets = {"gta5_cityscapes": {"datasets": {role: {"root": root} for role, root in roots.items()}}}
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump({"experiment_settings": sets}))
+
+
+def test_paper_preset_dry_run_lists_the_full_chain(tmp_path):
+    roots = {role: str(tmp_path / name) for role, name in
+             (("source", "GTA5"), ("target_train", "cityscapes"), ("target_val", "cityscapes"))}
+    for root in roots.values():
+        Path(root).mkdir(exist_ok=True)
+    _paper_overlay(tmp_path, roots)
+    res = snakemake(tmp_path, "-n", "--config", "experiments=[gta5_cityscapes]")
+    assert res.returncode == 0, res.stderr[-2000:]
+    # prepare x3; source_only, warmup, oracle, stage1-3; pseudo-soft, prototypes, class-dist, pseudo-hard x2;
+    # one target-val evaluation per stage; the table
+    assert job_counts(res.stdout) == {"prepare": 3, "train": 6, "stage_product": 5, "evaluate": 6, "collect": 1,
+                                      "all": 1, "total": 22}
+    for stage in ("source_only", "warmup", "oracle", "stage1", "stage2", "stage3"):
+        assert f"wildcards: exp=gta5_cityscapes, seed=6523, stage={stage}" in res.stdout, stage
+    s2 = yaml.safe_load((tmp_path / "results/gta5_cityscapes/seed6523/configs/train_stage2.yaml").read_text())
+    assert s2["distill"]["kd_mode"] == "reference" and s2["distill"]["threshold"] == 0.95
+    assert s2["model"]["bn_pretrain"] is True and s2["optim"]["backbone_lr_mult"] == 3.0
+
+
+def test_paper_preset_without_a_dataset_root_names_the_key(tmp_path):
+    _paper_overlay(tmp_path, {"source": None})
+    res = snakemake(tmp_path, "-n", "--config", "experiments=[gta5_cityscapes]")
+    assert res.returncode != 0
+    assert "config: experiment_settings.gta5_cityscapes.datasets.source.root: dataset root is not set" in res.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from cpsl.errors import DataError
+from cpsl.provenance import pid_running, temp_prefix
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -168,7 +170,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -188,6 +190,21 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Delete the staging folders ``.<name>.tmp-<pid>`` (and ``.<name>.old-<pid>`` of ``publish_dir``) that runs
+    killed before their cleanup (SIGKILL, a time limit) left next to ``out``; those of running processes stay."""
+    out = Path(out)
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)")
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return
+    for path in entries:
+        m = pattern.fullmatch(path.name)
+        if m and not pid_running(int(m.group(1))):
+            remove_path(path)
 
 
 def publish_dir(tmp: Path, out: Path) -> None:

@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from cpsl.config import SynthConfig
-from cpsl.data.common import publish_dir
+from cpsl.data.common import publish_dir, remove_stale_staging
 from cpsl.labels import CITYSCAPES_LABELS, CLASSES_19, NAME_TO_LABEL_ID
 
 SOURCE, TARGET = 0, 1
@@ -954,6 +954,7 @@ def generate(cfg: SynthConfig, out: Path) -> dict:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    remove_stale_staging(out)  # what a killed run left
     if tmp.exists():
         shutil.rmtree(tmp)
     t0 = time.perf_counter()

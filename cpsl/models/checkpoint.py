@@ -17,7 +17,9 @@ bool/None only)::
     extra           free dict (e.g. the imported reference file's best_iou)
 
 ``save_checkpoint`` writes a temp file in the same directory, fsyncs it, renames it over the target and fsyncs
-the directory, so an interrupted save never leaves a partial file under the final name.
+the directory, so an interrupted save never leaves a partial file under the final name; a failed write (a full
+disk) is a one-line CheckpointError and leaves the previous file as it was, and the temp file of a killed run
+is deleted by the next save into the same folder.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from torch import nn
 import cpsl
 from cpsl.config import ModelConfig, load, to_dict
 from cpsl.errors import CheckpointError, ConfigError
+from cpsl.provenance import remove_stale_temps, temp_prefix
 
 FORMAT = "cpsl-checkpoint"
 FORMAT_VERSION = 1
@@ -110,18 +113,45 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     full.update(_to_cpu(state))
     _check_safe(full, "checkpoint")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path.parent)  # a half-written checkpoint of a killed run
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(full, fh)
+            sink = _Sink(fh)
+            try:
+                torch.save(full, sink)
+            except RuntimeError:
+                if sink.error is not None:  # torch reports a failed write as an opaque RuntimeError
+                    raise sink.error from None
+                raise
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):  # a full disk, a quota, a read-only folder
+            kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
+            raise CheckpointError(f"{path}: cannot write the checkpoint ({err.strerror or err}); {kept}") from None
         raise
     _fsync_dir(path.parent)
     return path
+
+
+class _Sink:
+    """The temp file as ``torch.save`` sees it: remembers the OSError of a failed write (disk full)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -9,6 +9,8 @@ Writes into ``out`` (the workflow uses ``results/``)::
     summary.md    the same as a Markdown table (mIoU, mIoU-13 and per-class IoU, one decimal)
     plots/<experiment>_per_class.png     per-class IoU of every stage on target val (mean over seeds)
     plots/<experiment>_seed<S>_curves.png training losses per stage (from each stage's metrics.jsonl)
+    plots/<experiment>_seed<S>_samples.png target-val images, their labels and every stage's prediction in the
+                                          Cityscapes palette (from each evaluation's samples/, see evaluate)
 
 ``split`` is the evaluated prepared split (``target_val`` for the headline rows, ``source_val`` for the
 source-only model on held-out source images); ``init`` is how the stage's student was initialised, as
@@ -24,6 +26,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from cpsl.config import CollectConfig
 from cpsl.errors import DataError
@@ -205,6 +209,49 @@ def _plots(out: Path, rows: list[dict], class_names: list[str], stage_dirs: dict
         fig.savefig(path, dpi=100)
         plt.close(fig)
         made.append(path)
+    made += _sample_plots(plot_dir, stage_dirs, plt)
+    return made
+
+
+def _sample_plots(plot_dir: Path, stage_dirs: dict[tuple, Path], plt: Any) -> list[Path]:
+    """Per experiment and seed: rows = the evaluated target-val samples, columns = image, label, each stage."""
+    from PIL import Image
+
+    from cpsl.data.common import read_image
+
+    by_seed: dict[tuple, dict[str, Path]] = defaultdict(dict)
+    for (exp, seed, stage), folder in stage_dirs.items():
+        if (folder / "samples" / "index.json").is_file():
+            by_seed[(exp, seed)][stage] = folder / "samples"
+    made = []
+    for (exp, seed), folders in sorted(by_seed.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        stages = sorted(folders, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99)
+        index = {s: {e["name"]: e for e in json.loads((folders[s] / "index.json").read_text())} for s in stages}
+        names = [n for n in index[stages[0]] if all(n in index[s] for s in stages)]
+        if not names:
+            continue
+        cols = ["image", "label", *stages]
+        fig, axes = plt.subplots(len(names), len(cols), figsize=(2.4 * len(cols), 1.4 * len(names) + 0.4),
+                                 squeeze=False)
+        for r, name in enumerate(names):
+            first = index[stages[0]][name]
+            preds = [Image.open(folders[s] / index[s][name]["prediction"]) for s in stages]
+            pal = np.array(preds[0].getpalette(), dtype=np.uint8).reshape(-1, 3)  # the experiment's class colours
+            pal = np.concatenate([pal, np.zeros((256 - len(pal), 3), np.uint8)])
+            panels = [read_image(Path(first["image"])), pal[np.array(Image.open(first["label"]))]]
+            panels += [np.array(p.convert("RGB")) for p in preds]
+            for c, (ax, panel) in enumerate(zip(axes[r], panels)):
+                ax.imshow(panel)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(cols[c], fontsize=8)
+        fig.suptitle(f"{exp} seed {seed}: target val predictions", fontsize=9)
+        fig.tight_layout()
+        path = plot_dir / f"{exp}_seed{seed}_samples.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        made.append(path)
     return made
 
 
@@ -224,6 +271,7 @@ def run(cfg: CollectConfig, out: Path) -> dict:
     write_csv(out / "summary.csv", table, class_names)
     atomic_write_text(out / "summary.md", markdown(table, class_names))
     plots: list[Path] = []
+    (out / "plots").mkdir(exist_ok=True)  # the workflow's output folder, also when plots are off
     if cfg.plots:
         stage_dirs = {}
         for p in cfg.metrics:

@@ -13,6 +13,10 @@ replaced; each file is written atomically, ``metrics.json`` last)::
     metrics.json       stage, experiment, seed, iteration, miou, per_class, n_class, selection ("last"),
                        [miou13 for a 16-class model], pixel_acc, checkpoint, flip, data, n_images, input_size
     (metrics_best.json / confusion_best.npy instead when ``selection`` is "best_on_val")
+    samples/<name>.png the predictions of the first ``samples`` images (of rank 0's shard) as palette PNGs: the
+                       pixel values are train ids (255 = none) and viewers show them in the Cityscapes colours
+    samples/index.json [{name, image, label, prediction}]: the source image, its label and the prediction file,
+                       which ``cpsl collect`` lays out side by side for every stage
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from cpsl import inference
 from cpsl.config import EvaluateConfig
 from cpsl.data.common import write_bytes_atomic
+from cpsl.labels import palette
 from cpsl.metrics import ConfusionMatrix
 
 
@@ -41,8 +46,10 @@ def _recorded(cfg: EvaluateConfig, state: dict[str, Any]) -> tuple[str, str, int
     return str(stage), str(experiment), int(seed if isinstance(seed, int) else 0)
 
 
-def confusion(cfg: EvaluateConfig, setup: inference.Setup) -> np.ndarray:
-    """This run's confusion matrix (int64, summed over ranks)."""
+def confusion(cfg: EvaluateConfig, setup: inference.Setup,
+              samples: dict[int, np.ndarray] | None = None) -> np.ndarray:
+    """This run's confusion matrix (int64, summed over ranks). ``samples``, if given, receives the predictions
+    (uint8 train ids) of this process's first ``cfg.samples`` images, by split index."""
     n_class = setup.model_config.n_class
     cm = ConfusionMatrix(n_class)
     hist = torch.zeros(n_class * n_class, dtype=torch.int64, device=setup.info.device)
@@ -60,7 +67,9 @@ def confusion(cfg: EvaluateConfig, setup: inference.Setup) -> np.ndarray:
             preds = [F.interpolate(p[None], size=s, mode="bilinear", align_corners=cfg.align_corners)[0].argmax(0)
                      for p, s in zip(probs, batch.sizes)]
         with torch.inference_mode():
-            for pred, label in zip(preds, batch.labels):
+            for index, pred, label in zip(batch.indices, preds, batch.labels):
+                if samples is not None and len(samples) < cfg.samples:
+                    samples[index] = pred.to("cpu", torch.uint8).numpy()
                 gt = label.to(setup.info.device, torch.int64).flatten()
                 valid = gt < n_class
                 hist += torch.bincount(gt[valid] * n_class + pred.flatten()[valid], minlength=n_class * n_class)
@@ -74,7 +83,8 @@ def run(cfg: EvaluateConfig, out: Path) -> dict:
     out = Path(out)
     with inference.session(cfg.device) as info:
         setup = inference.prepare_run(cfg, info)
-        hist = confusion(cfg, setup)
+        predictions: dict[int, np.ndarray] = {}
+        hist = confusion(cfg, setup, predictions)
         if not info.is_main:
             return {}
         cm = ConfusionMatrix(setup.model_config.n_class)
@@ -98,5 +108,25 @@ def run(cfg: EvaluateConfig, out: Path) -> dict:
         np.save(buf, hist.astype(np.int64))
         suffix = "" if cfg.selection == "last" else "_best"
         write_bytes_atomic(out / f"confusion{suffix}.npy", buf.getvalue())
+        if predictions and cfg.selection == "last":
+            write_samples(out / "samples", setup.split, predictions)
         inference.write_json(out / f"metrics{suffix}.json", metrics)
         return metrics
+
+
+def write_samples(folder: Path, split: Any, predictions: dict[int, np.ndarray]) -> None:
+    """``folder/<name>.png`` (palette PNG of train ids) per prediction and ``folder/index.json``, each atomic."""
+    from PIL import Image
+
+    pal = palette(split.classes).flatten().tolist()
+    index = []
+    for i, pred in sorted(predictions.items()):
+        name = split.names[i].replace("/", "_")
+        img = Image.frombytes("P", (pred.shape[1], pred.shape[0]), np.ascontiguousarray(pred).tobytes())
+        img.putpalette(pal)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        write_bytes_atomic(folder / f"{name}.png", buf.getvalue())
+        index.append({"name": split.names[i], "image": str(split.image_paths[i]), "label": str(split.label_paths[i]),
+                      "prediction": f"{name}.png"})
+    inference.write_json(folder / "index.json", index)

@@ -32,7 +32,8 @@ import cpsl
 from cpsl import labels
 from cpsl.config import PrepareConfig
 from cpsl.data import get_format
-from cpsl.data.common import Problem, Sample, publish_dir, read_image, remove_path, write_label_png
+from cpsl.data.common import (Problem, Sample, publish_dir, read_image, remove_path, remove_stale_staging,
+                               write_label_png)
 from cpsl.errors import DataError
 
 MAX_LISTED_ON_STDERR = 50
@@ -216,6 +217,7 @@ def run(cfg: PrepareConfig, out: Path) -> dict:
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)  # what a killed run left
     remove_path(tmp)
     try:
         tmp.mkdir()

@@ -7,7 +7,8 @@
         losses = method.step(batch)                                (forward, backward, optimizer steps)
         amp.update(); every scheduler steps once
         losses averaged over the processes; NaN/Inf -> TrainingError (the last checkpoint is kept)
-        metrics.jsonl line every log_interval; out/checkpoints/last.pt every checkpoint_interval
+        metrics.jsonl line every log_interval; out/checkpoints/last.pt every checkpoint_interval, unless the
+        networks hold NaN/Inf (TrainingError: a checkpoint is only ever written with finite weights)
 
 Outputs in ``out`` (written by rank 0 only)::
 
@@ -173,6 +174,32 @@ class _Window:
         return {k: v / max(self.n, 1) for k, v in self.sums.items()}
 
 
+def _last_good(last_path: Path, last_saved: int | None) -> str:
+    return (f"the last good checkpoint is {last_path} (iteration {last_saved})" if last_saved is not None
+            else "no checkpoint had been written yet")
+
+
+def _first_non_finite(obj: Any, where: str = "") -> str | None:
+    """Dotted name of the first floating-point tensor in ``obj`` (nested dicts) holding NaN or Inf, else None."""
+    if isinstance(obj, torch.Tensor):
+        return where if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            found = _first_non_finite(value, f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+    return None
+
+
+def _check_finite(method: Method, done: int, last_path: Path, last_saved: int | None) -> None:
+    """Raise TrainingError instead of saving networks that hold NaN or Inf (an update can overflow a weight or
+    a BatchNorm statistic while every loss was still finite), so the last checkpoint stays a good one."""
+    bad = _first_non_finite(method.state_dict(full=False))
+    if bad:
+        raise TrainingError(f"iteration {done}: {bad} holds NaN or Inf values; training stopped, "
+                            f"{_last_good(last_path, last_saved)}")
+
+
 def _resumable_state(method: Method, cfg: TrainConfig, iteration: int, amp: Amp,
                      rng_states: list[dict[str, Any]]) -> dict[str, Any]:
     """The resumable checkpoint (``checkpoints/last.pt``) after ``iteration`` finished iterations."""
@@ -214,12 +241,10 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
         finished = int(state.get("iteration", 0)) >= int((state.get("config") or {}).get("max_iters", -1))
         if finished and _settings_differ(state, cfg):
             # a completed run with other settings (the workflow reruns a stage whose settings changed): its
-            # final model was already published, so start over instead of refusing
+            # final model was already published, so start over instead of refusing. The file stays until the
+            # new run's first checkpoint replaces it (a bad input found below must not destroy it)
             _say(info, f"{last_path} is a finished run with other settings; starting over")
             state = None
-            if info.is_main:
-                last_path.unlink(missing_ok=True)
-            D.barrier()
     if state is not None:
         check_resume_config(state, cfg, last_path)
         method.load_state_dict(state, last_path)
@@ -260,10 +285,8 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
             losses = reduce_losses(losses, info.device)
             bad = [k for k, v in losses.items() if not math.isfinite(v)]
             if bad:
-                where = (f"the last good checkpoint is {last_path} (iteration {last_saved})" if last_saved is not None
-                         else "no checkpoint had been written yet")
                 raise TrainingError(f"iteration {done}: loss {bad[0]!r} is {losses[bad[0]]}; training stopped, "
-                                    f"{where}")
+                                    f"{_last_good(last_path, last_saved)}")
             t_iter = time.perf_counter() - t0
             per_iter.append(t_iter)
             window.add(losses, t_iter, t_data)
@@ -281,6 +304,7 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
                                  if k.startswith("loss/")}, refresh=False)
                 window.reset()
             if done % cfg.checkpoint_interval == 0 and done < cfg.max_iters:
+                _check_finite(method, done, last_path, last_saved)
                 rng_states = gather_rng_states()
                 if info.is_main:
                     save_checkpoint(last_path, _resumable_state(method, cfg, done, amp, rng_states))
@@ -295,6 +319,7 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
                "final_losses": last_losses, "time_per_iter": float(np.mean(per_iter)) if per_iter else None,
                "wall_time_s": time.perf_counter() - t_start, "device": str(info.device),
                "world_size": info.world_size, "global_batch": cfg.data.batch_size, **method.describe()}
+    _check_finite(method, cfg.max_iters, last_path, last_saved)
     if last_saved != cfg.max_iters:  # all ranks: gathering the RNG states is a collective
         rng_states = gather_rng_states()
         if info.is_main:

@@ -3,13 +3,16 @@
 
 rule collect:
     """results/summary.csv and summary.md (one row per experiment, seed, stage; mean and std over seeds)
-    and results/plots/ (per-class IoU per stage, training curves)."""
+    and results/plots/ (per-class IoU per stage, training curves, sample predictions); all of them are in
+    `snakemake --report report.html`."""
     input:
         config=lambda wc: STEP_CONFIGS["collect"],
         metrics=lambda wc: W.metrics_files(config),
     output:
-        csv=RESULTS / "summary.csv",
+        csv=report(RESULTS / "summary.csv", caption="../report/summary.rst", category="Results table"),
         md=RESULTS / "summary.md",
+        plots=report(directory(RESULTS / "plots"), patterns=["{name}.png"], caption="../report/plots.rst",
+                     category="Plots"),
     log:
         RESULTS / "logs" / "collect.log",
     benchmark:
