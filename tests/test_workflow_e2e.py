@@ -159,3 +159,45 @@ def test_paper_preset_without_a_dataset_root_names_the_key(tmp_path):
     res = snakemake(tmp_path, "-n", "--config", "experiments=[gta5_cityscapes]")
     assert res.returncode != 0
     assert "config: experiment_settings.gta5_cityscapes.datasets.source.root: dataset root is not set" in res.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+def test_killed_training_resumes_when_the_workflow_is_started_again(tmp_path, sig):
+    """Ctrl-C (SIGINT) or a crash (SIGKILL of Snakemake and its jobs, then `snakemake --unlock`) during a
+    training job: starting the workflow again resumes that stage from its last checkpoint."""
+    import os
+    import signal
+    import time
+
+    slow = json.loads(json.dumps(TINY))
+    slow["experiment_settings"]["demo"]["stages"]["source_only"] = {"max_iters": 60}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(slow))
+    target = "results/demo/seed0/source_only/checkpoint.pt"
+    last = tmp_path / "results/demo/seed0/source_only/checkpoints/last.pt"
+    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile",
+           str(REPO / "config.yaml"), str(tmp_path / "tiny.yaml"), "--cores", "1", target]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not last.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert last.exists(), "training never wrote a checkpoint"
+        if sig == "SIGINT":
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal reaches the whole process group
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not (tmp_path / target).exists()
+    if sig == "SIGKILL":  # Snakemake had no chance to remove its lock
+        assert snakemake(tmp_path, "--unlock").returncode == 0
+    res = snakemake(tmp_path, "--cores", "1", target)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = (tmp_path / "results/demo/logs/seed0/train_source_only.log").read_text()
+    resumed = re.search(r"resuming from \S+last\.pt at iteration (\d+)", log)
+    assert resumed and 0 < int(resumed.group(1)) < 60, log[-2000:]
+    summary = json.loads((tmp_path / "results/demo/seed0/source_only/train_summary.json").read_text())
+    assert summary["iterations"] == 60 and summary["resumed_from"] == int(resumed.group(1))
