@@ -202,9 +202,13 @@ def chain_priority(stage: str) -> int:
     """Snakemake priority of a stage's training and of the products made from it: the number of later stages
     that wait for it (warmup 3 ... stage3 0, source_only and oracle 0, scaled by 10 so that a stage's products
     (priority + 5) come between it and the next stage). With few cores, the scheduler then runs the
-    warm-up -> stage 1 -> 2 -> 3 chain first and fits the baselines beside it."""
-    waiting = {"warmup": 3, "stage1": 2, "stage2": 1}
-    return 10 * waiting.get(stage, 0)
+    warm-up -> stage 1 -> 2 -> 3 chain first and fits the baselines beside it. Derived from STAGE_INPUTS."""
+    waiting, frontier = set(), {stage}
+    while frontier:
+        frontier = {later for later, needs in STAGE_INPUTS.items()
+                    if any(src in frontier for src, _ in needs.values())} - waiting
+        waiting |= frontier
+    return 10 * len(waiting)
 
 
 def product_path(config: dict, exp: str, seed: int, stage: str, product: str) -> Path:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import signal
-import time
 
 import pytest
 
 from cpsl.config import TrainConfig, load
 from cpsl.models.checkpoint import load_checkpoint
 from cpsl.train.loop import train
-from tests.train_helpers import (finish, max_weight_diff, one_thread, pair_dir, start_train,  # noqa: F401
-                                 train_dict, write_config)
+from tests.train_helpers import (finish, kill_at_first_checkpoint, max_weight_diff, one_thread,  # noqa: F401
+                                 pair_dir, start_train, train_dict, write_config)
 
 
 def _losses(path):
@@ -27,13 +25,7 @@ def test_kill_and_resume_gives_the_uninterrupted_weights(tmp_path, pair_dir):  #
                      **{"data.workers": 1, "data.lab_transfer": True})
     config = write_config(tmp_path / "train.yaml", cfg)
     killed, full = tmp_path / "killed", tmp_path / "full"
-    victim = start_train(config, killed)
-    last = killed / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate()
+    last = kill_at_first_checkpoint(config, killed)
     assert last.exists(), "no checkpoint was written before the deadline"
     assert not (killed / "checkpoint.pt").exists(), "the run finished before it was killed"
     stopped_at = load_checkpoint(last)["iteration"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +22,10 @@ from cpsl.methods.selflabel import (SelfLabel, SoftLabelExtras, consistency_loss
 from cpsl.models.checkpoint import load_checkpoint
 from cpsl.steps import pseudo_soft
 from cpsl.train.loop import train
-from tests.train_helpers import (N_CLASS, TINY_MODEL, finish, max_weight_diff, one_thread, pair_dir,  # noqa: F401
-                                 prepared_pair, start_train, train_dict, well_conditioned_init, write_config)
+from tests.test_transforms import brute_force_full_to_weak
+from tests.train_helpers import (N_CLASS, TINY_MODEL, finish, kill_at_first_checkpoint,  # noqa: F401
+                                 max_weight_diff, one_thread, pair_dir, prepared_pair, start_train, train_dict,
+                                 well_conditioned_init, write_config)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LN_1E4 = -math.log(1e-4)  # 9.2103...
@@ -94,18 +94,6 @@ def _smooth(c: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     return F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)[0]
 
 
-def _brute_force(m: torch.Tensor, p: WeakParams, out_hw: tuple[int, int]) -> torch.Tensor:
-    """The reference's way: upsample the stored map to the image (align_corners=True), resize to the scaled
-    size, crop, flip, downsample to the output grid."""
-    full = F.interpolate(m[None], size=p.orig_hw, mode="bilinear", align_corners=True)
-    scaled = F.interpolate(full, size=p.scaled_hw, mode="bilinear", align_corners=False)
-    y1, x1, h, w = p.crop
-    crop = scaled[..., y1:y1 + h, x1:x1 + w]
-    if p.flip:
-        crop = crop.flip(-1)
-    return F.interpolate(crop, size=out_hw, mode="bilinear", align_corners=False)[0]
-
-
 @pytest.mark.parametrize("flip", [False, True])
 def test_soft_label_extras_and_rectification_match_brute_force(tmp_path, flip):
     k, d = 4, 8
@@ -119,19 +107,20 @@ def test_soft_label_extras_and_rectification_match_brute_force(tmp_path, flip):
 
     extras = SoftLabelExtras(tmp_path, ["img0"], out_hw, k)
     got_soft = extras(0, p)["soft"]
-    ref_soft = _brute_force(stored, p, out_hw)
+    ref_soft = brute_force_full_to_weak(stored, p, out_hw, align_corners=True)
     assert got_soft.shape == (k, *out_hw) and got_soft.dtype == torch.float32
     # equal up to the brute force's double interpolation (bilinear of bilinear), which is not exact
     assert (got_soft - ref_soft).abs().max() < 0.02 and (got_soft - ref_soft).abs().mean() < 2e-3
     assert torch.allclose(got_soft.sum(0), torch.ones(out_hw), atol=1e-5)  # still a distribution
     # the same crop without the flip is far off: the test would notice a misaligned mapping
     unflipped = WeakParams(p.orig_hw, p.scaled_hw, p.crop, not flip)
-    assert (_brute_force(stored, unflipped, out_hw) - got_soft).abs().max() > 0.1
+    assert (brute_force_full_to_weak(stored, unflipped, out_hw, align_corners=True) - got_soft).abs().max() > 0.1
 
     protos = F.normalize(torch.randn(k, d, generator=torch.Generator().manual_seed(3)), dim=1)
     f_weak = full_to_weak(feat, p, out_hw)
     labels, w = rectify(got_soft[None], f_weak[None], protos, tau=0.08)
-    ref_labels, _ = rectify(ref_soft[None], _brute_force(feat, p, out_hw)[None], protos, tau=0.08)
+    ref_feat = brute_force_full_to_weak(feat, p, out_hw, align_corners=True)
+    ref_labels, _ = rectify(ref_soft[None], ref_feat[None], protos, tau=0.08)
     assert (labels == ref_labels).float().mean() > 0.97
     # the formula, pixel by pixel
     cos = torch.einsum("dhw,kd->khw", F.normalize(f_weak, dim=0), protos)
@@ -314,13 +303,7 @@ def test_stage1_trains_end_to_end_and_resumes_exactly(tmp_path, pair_dir):  # no
     cfg = stage1_dict(pair_dir, max_iters=8, checkpoint_interval=2, log_interval=1)
     config = write_config(tmp_path / "train.yaml", cfg)
     killed, full = tmp_path / "killed", tmp_path / "full"
-    victim = start_train(config, killed)
-    last = killed / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    victim.send_signal(signal.SIGKILL)
-    victim.communicate()
+    last = kill_at_first_checkpoint(config, killed)
     assert last.exists() and not (killed / "checkpoint.pt").exists()
     stopped_at = load_checkpoint(last)["iteration"]
     assert 2 <= stopped_at < 8

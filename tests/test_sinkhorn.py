@@ -7,16 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from cpsl.methods.sinkhorn import PixelQueue, safe_normalize, self_label_loss, sinkhorn
+from tests.train_helpers import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture()
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _scores(m: int, k: int, seed: int = 0) -> torch.Tensor:

@@ -167,3 +167,9 @@ def test_later_stages_consume_earlier_products(shipped, tmp_path):
     del shipped["experiment_settings"]["demo"]["stages"]["stage1"]
     with pytest.raises(ConfigError, match=r"^config: experiment_settings\.demo\.stages\.stage2: needs stage 'stage1'"):
         W.step_config_files(shipped)
+
+
+def test_chain_priorities_put_the_warmup_to_stage3_chain_first():
+    # the number of later stages waiting on each one (x10): warmup feeds stage1, which feeds stage2, ...
+    assert {s: W.chain_priority(s) for s in W.STAGES} == {
+        "source_only": 0, "warmup": 30, "oracle": 0, "stage1": 20, "stage2": 10, "stage3": 0}

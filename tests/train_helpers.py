@@ -102,6 +102,22 @@ def start_train(config: Path, out: Path, *launcher: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=cli_env())
 
 
+def kill_at_first_checkpoint(config: Path, out: Path, timeout: float = 120) -> Path:
+    """Start ``cpsl train`` into ``out``, SIGKILL it as soon as ``checkpoints/last.pt`` exists (or at the
+    deadline, or when it has exited) and return that path."""
+    import signal
+    import time
+
+    victim = start_train(config, out)
+    last = out / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + timeout
+    while not last.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    return last
+
+
 def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
     """Wait for a training subprocess; fail the test with its stderr unless it exits 0."""
     try:
