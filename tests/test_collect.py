@@ -37,6 +37,8 @@ def test_table_with_mean_and_std_over_seeds(tmp_path):
         write_metrics(res, "demo", 0, "source_only", 35.0, 80.0),
         write_metrics(res, "demo", 1, "source_only", 37.0, 82.0),
         write_metrics(res, "demo", 0, "source_only", 60.0, 97.0, split="source_val"),
+        write_metrics(res, "demo", 0, "stage1", 45.0, 93.0, init=f"checkpoint:{res}/demo/seed0/warmup/checkpoint.pt"),
+        write_metrics(res, "demo", 1, "stage1", 47.0, 95.0, init=f"checkpoint:{res}/demo/seed1/warmup/checkpoint.pt"),
     ]
     summary = collect.run(CollectConfig(metrics=files), res)
     rows = list(csv.DictReader((res / "summary.csv").open()))
@@ -48,6 +50,8 @@ def test_table_with_mean_and_std_over_seeds(tmp_path):
                      ("source_only", "mean", "target_val"), ("source_only", "std", "target_val"),
                      ("warmup", "0", "target_val"), ("warmup", "1", "target_val"),
                      ("warmup", "mean", "target_val"), ("warmup", "std", "target_val"),
+                     ("stage1", "0", "target_val"), ("stage1", "1", "target_val"),
+                     ("stage1", "mean", "target_val"), ("stage1", "std", "target_val"),
                      ("source_only", "0", "source_val")]
     warm_mean, warm_std = rows[6], rows[7]
     assert float(warm_mean["miou"]) == 42.0 and float(warm_mean["road"]) == 92.0
@@ -56,10 +60,11 @@ def test_table_with_mean_and_std_over_seeds(tmp_path):
     assert warm_mean["wall"] == "" and warm_mean["init"] == "random" and rows[0]["init"] == ""
     md = (res / "summary.md").read_text()
     assert "| demo | mean | warmup | target_val | last | 42.0 |" in md
-    assert "Student initialisation per stage: warmup: random." in md
+    assert (f"Student initialisation per stage: stage1: checkpoint:{res}/demo/seed<S>/warmup/checkpoint.pt; "
+            "warmup: random.") in md
     assert (res / "plots" / "demo_per_class.png").stat().st_size > 1000
     assert (res / "plots" / "demo_seed0_curves.png").stat().st_size > 1000
-    assert summary["rows"] == 9
+    assert summary["rows"] == 13
 
 
 def test_bad_metrics_file_is_named(tmp_path):

@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ def _read_json(path: Path) -> dict:
         raise DataError(f"{path}: metrics file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a valid metrics.json ({err})") from None
+
+
+SEED_DIR = re.compile(r"([/\\])seed\d+([/\\])")
 
 
 def _init_of(metrics_path: Path) -> str:
@@ -142,7 +146,8 @@ def markdown(rows: list[dict], class_names: list[str]) -> str:
         cells = [r["experiment"], str(r["seed"]), r["stage"], r["split"], r["selection"], _fmt(r["miou"]),
                  *([_fmt(r.get("miou13"))] if has13 else []), *(_fmt(r.get(c)) for c in class_names)]
         lines.append("| " + " | ".join(cells) + " |")
-    inits = sorted({(r["stage"], r["init"]) for r in rows if r.get("init")})
+    # One entry per stage: a checkpoint of seed S's own chain is written once, with its seed folder as seed<S>.
+    inits = sorted({(r["stage"], SEED_DIR.sub(r"\1seed<S>\2", r["init"])) for r in rows if r.get("init")})
     notes = ["", "mIoU and per-class IoU in percent on the evaluated split; empty: class absent from both "
              "ground truth and prediction. `selection: last` is the final checkpoint."]
     if inits:
