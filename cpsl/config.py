@@ -226,7 +226,9 @@ class ModelConfig:
 
     ``init`` is a local file (never downloaded): a torchvision ImageNet ResNet state dict
     (``init_format: torchvision``, e.g. resnet101-5d3b4d8f.pth) or the SimCLRv2 R101 file of the reference
-    (``init_format: simclr``, ``{'state_dict': {...}}`` with torchvision names, pretrained_models/r101_1x_sk0.pth).
+    (``init_format: simclr``, ``{'state_dict': {...}}`` with torchvision names, pretrained_models/r101_1x_sk0.pth)
+    or one of our own ``checkpoint.pt`` files, whose weights are taken without the classifier
+    (``init_format: checkpoint``; in the workflow, ``init: "@<stage>"`` names that stage's final checkpoint).
     """
 
     backbone: Literal["resnet101", "resnet50", "resnet18"] = "resnet101"
@@ -235,7 +237,7 @@ class ModelConfig:
     n_class: int = 19
     bn_pretrain: bool = False     # extra BatchNorm after layer4 (reference --bn_clr / --ema_bn)
     init: Path | None = None
-    init_format: Literal["torchvision", "simclr"] = "torchvision"
+    init_format: Literal["torchvision", "simclr", "checkpoint"] = "torchvision"
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
     dropout: float = 0.1          # Dropout2d before the classifier (the features are taken after it)
     sync_bn: bool = True          # under DDP, convert BatchNorm to SyncBatchNorm (no effect otherwise)

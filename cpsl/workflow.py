@@ -43,6 +43,12 @@ STAGE_INPUTS: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 
+# ``model.init: "@<stage>"`` names the final checkpoint of an earlier stage of the same experiment and seed; the
+# student takes its weights without the classifier (init_format "checkpoint"). The demo starts its stage-2 student
+# from the source-only model this way, as its stand-in for the paper's SimCLRv2 weights.
+STAGE_REF = "@"
+
+
 def _path_of(error: jsonschema.ValidationError) -> str:
     parts = [str(p) if not isinstance(p, int) else f"[{p}]" for p in error.absolute_path]
     return ".".join(parts).replace(".[", "[") or "<top level>"
@@ -191,7 +197,7 @@ def stages(config: dict, exp: str) -> list[str]:
                           f"(known: {', '.join(STAGES)})")
     chosen = [s for s in STAGES if s in listed]
     for stage in chosen:
-        for key, (needed, _) in STAGE_INPUTS.get(stage, {}).items():
+        for key, (needed, _) in stage_inputs(config, exp, stage).items():
             if needed not in chosen:
                 raise ConfigError(f"config: experiment_settings.{exp}.stages.{stage}: needs stage {needed!r} "
                                   f"(for {key}), which is not in the experiment's stages")
@@ -217,17 +223,47 @@ def product_path(config: dict, exp: str, seed: int, stage: str, product: str) ->
     return sdir / "checkpoint.pt" if product == "checkpoint" else sdir / product
 
 
+def init_stage(config: dict, exp: str, stage: str) -> str | None:
+    """The earlier stage whose final checkpoint ``stage``'s resolved ``model.init`` names (``"@source_only"``), or
+    None when ``model.init`` is a file path or unset. Only an earlier stage of the chain order may be named."""
+    settings = experiment_settings(config, exp)
+    model = deep_merge(deep_merge(_model_settings(config, exp), (settings.get("train") or {}).get("model") or {}),
+                       ((settings.get("stages") or {}).get(stage) or {}).get("model") or {})
+    init = model.get("init")
+    if not (isinstance(init, str) and init.startswith(STAGE_REF)):
+        return None
+    earlier = STAGES[:STAGES.index(stage)]
+    if init[len(STAGE_REF):] not in earlier:
+        raise ConfigError(f"config: experiment_settings.{exp}.stages.{stage}.model.init: {init!r} must name an "
+                          f"earlier stage ({', '.join(STAGE_REF + s for s in earlier) or 'none before ' + stage})")
+    if model.get("init_format", "checkpoint") != "checkpoint":
+        raise ConfigError(f"config: experiment_settings.{exp}.stages.{stage}.model.init_format: must be "
+                          f"'checkpoint' (or unset) when model.init names a stage ({init!r}), "
+                          f"got {model['init_format']!r}")
+    return init[len(STAGE_REF):]
+
+
+def stage_inputs(config: dict, exp: str, stage: str) -> dict[str, tuple[str, str]]:
+    """What ``stage`` consumes, TrainConfig key -> (stage, product): its STAGE_INPUTS, plus ``model.init`` when
+    that names an earlier stage's checkpoint."""
+    inputs = dict(STAGE_INPUTS.get(stage, {}))
+    ref = init_stage(config, exp, stage)
+    if ref is not None:
+        inputs["model.init"] = (ref, "checkpoint")
+    return inputs
+
+
 def stage_input_files(config: dict, exp: str, seed: int, stage: str) -> dict[str, Path]:
     """TrainConfig key -> the upstream file or folder it names (also the Snakemake inputs of the stage)."""
     return {key: product_path(config, exp, seed, src, product)
-            for key, (src, product) in STAGE_INPUTS.get(stage, {}).items()}
+            for key, (src, product) in stage_inputs(config, exp, stage).items()}
 
 
 def products(config: dict, exp: str) -> list[tuple[str, str]]:
     """(stage, product) pairs the experiment needs: what its stages consume, and the warm-up products (so
     that a chain ending at the warm-up still yields the stage-1 inputs)."""
     chosen = stages(config, exp)
-    needed = [(src, prod) for st in chosen for src, prod in STAGE_INPUTS.get(st, {}).values()
+    needed = [(src, prod) for st in chosen for src, prod in stage_inputs(config, exp, st).values()
               if prod != "checkpoint"]
     if "warmup" in chosen:
         needed += [("warmup", p) for p in ("pseudo_soft", "prototypes", "class_dist")]
@@ -265,8 +301,9 @@ def train_config(config: dict, exp: str, seed: int, stage: str) -> dict:
     if stage != "source_only" or data.get("lab_transfer"):
         data["target"] = str(prepared_dir(config, exp, "target_train"))
     merged.update(stage=stage, experiment=exp, seed=seed, data=data)
+    inputs = stage_inputs(config, exp, stage)
     for key, path in stage_input_files(config, exp, seed, stage).items():
-        src, product = STAGE_INPUTS[stage][key]
+        src, product = inputs[key]
         inner = PRODUCTS.get(product)
         value = str(path / inner) if inner else str(path)
         section, _, name = key.rpartition(".")
@@ -274,6 +311,8 @@ def train_config(config: dict, exp: str, seed: int, stage: str) -> dict:
         if section:
             merged[section] = target = dict(target)
         target[name] = value
+    if "model.init" in inputs:
+        merged["model"]["init_format"] = "checkpoint"
     return C.to_dict(C.load(C.TrainConfig, merged, f"{base}.stages.{stage}"))
 
 

@@ -261,6 +261,14 @@ def test_student_init_is_recorded(pair_dir, stage1, tmp_path):  # noqa: F811
     ckpt = _tiny_checkpoint(tmp_path / "s2.pt", True)
     m3 = build_method(load(TrainConfig, _distill_dict(pair_dir, stage1, "stage3", init_checkpoint=str(ckpt))), _ctx())
     assert isinstance(m3, Stage3) and m3.describe()["student_init"] == f"checkpoint:{ckpt}"
+    # stage 2 from another run's checkpoint without its head (the demo's source-only model)
+    other = _tiny_checkpoint(tmp_path / "source_only.pt", False, seed=3)
+    m2 = build_method(load(TrainConfig, _distill_dict(pair_dir, stage1, **{"model.init": str(other),
+                                                                           "model.init_format": "checkpoint"})),
+                      _ctx())
+    assert m2.describe()["student_init"] == f"backbone:{other}"
+    assert torch.equal(m2.student.layer1[0].conv1.weight,
+                       load_checkpoint(other)["model"]["layer1.0.conv1.weight"])
 
 
 @pytest.mark.parametrize("over", [{}, {"distill.strong_view": False, "distill.kd_mode": "reference",

@@ -13,6 +13,7 @@ from cpsl.config import ModelConfig, load
 from cpsl.errors import CheckpointError, ConfigError
 from cpsl.models import DeepLabV2, build_discriminator, build_model, convert_sync_bn, freeze_bn
 from cpsl.models.deeplabv2 import gn_groups, output_size
+from cpsl.models.checkpoint import make_checkpoint, save_checkpoint
 from cpsl.models.weights import load_init_weights
 
 TINY = dict(backbone="resnet18", base_width=8, head_channels=16)
@@ -221,6 +222,22 @@ def test_init_simclr_format(tmp_path):
     _fake_torchvision_file(model, plain)
     with pytest.raises(CheckpointError, match="no 'state_dict'"):
         load_init_weights(tiny(), plain, "simclr")
+
+
+def test_init_from_our_checkpoint_takes_everything_but_the_head(tmp_path):
+    torch.manual_seed(0)
+    src = tiny()
+    path = save_checkpoint(tmp_path / "source_only.pt", make_checkpoint(src, ModelConfig(**TINY), iteration=5))
+    model = build_model(ModelConfig(**TINY, init=path, init_format="checkpoint"))
+    report, head = model.init_report, [k for k in src.state_dict() if k.startswith("layer5.")]
+    assert report["unexpected"] == [] and sorted(report["missing"]) == sorted(head)
+    for name, value in model.state_dict().items():
+        assert name.startswith("layer5.") or torch.equal(value, src.state_dict()[name]), name
+    assert not torch.equal(model.layer5.head[1].weight, src.layer5.head[1].weight)   # a new head
+    plain = tmp_path / "plain.pth"
+    torch.save(src.state_dict(), plain)
+    with pytest.raises(CheckpointError, match=r"plain\.pth: not a cpsl checkpoint"):
+        build_model(ModelConfig(**TINY, init=plain, init_format="checkpoint"))
 
 
 def test_init_shape_mismatch_names_key_and_loads_nothing(tmp_path):

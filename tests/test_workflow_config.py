@@ -169,6 +169,31 @@ def test_later_stages_consume_earlier_products(shipped, tmp_path):
         W.step_config_files(shipped)
 
 
+def test_model_init_can_name_an_earlier_stage(shipped, tmp_path):
+    res = tmp_path / "results"
+    shipped["results_dir"] = str(res)
+    stages = shipped["experiment_settings"]["demo"]["stages"]
+    stages["stage2"] = {"max_iters": 5, "model": {"init": "@source_only"}}
+    files = W.step_config_files(shipped)
+    s2 = yaml.safe_load(files["demo/seed0/train_stage2"].read_text())
+    ckpt = res / "demo/seed0/source_only/checkpoint.pt"
+    assert s2["model"]["init"] == str(ckpt) and s2["model"]["init_format"] == "checkpoint"
+    assert W.stage_input_files(shipped, "demo", 0, "stage2")["model.init"] == ckpt   # a Snakemake input
+    assert yaml.safe_load(files["demo/seed0/train_stage3"].read_text())["model"]["init"] is None
+    stages["stage2"]["model"] = {"init": "@stage3"}
+    with pytest.raises(ConfigError, match=r"^config: experiment_settings\.demo\.stages\.stage2\.model\.init: "
+                                          r"'@stage3' must name an earlier stage \(@source_only, @warmup, "
+                                          r"@oracle, @stage1\)"):
+        W.step_config_files(shipped)
+    stages["stage2"]["model"] = {"init": "@source_only", "init_format": "simclr"}
+    with pytest.raises(ConfigError, match=r"stages\.stage2\.model\.init_format: must be 'checkpoint'"):
+        W.step_config_files(shipped)
+    stages["stage2"]["model"] = {"init": "@source_only"}
+    del stages["source_only"]
+    with pytest.raises(ConfigError, match=r"stages\.stage2: needs stage 'source_only' \(for model\.init\)"):
+        W.step_config_files(shipped)
+
+
 def test_chain_priorities_put_the_warmup_to_stage3_chain_first():
     # the number of later stages waiting on each one (x10): warmup feeds stage1, which feeds stage2, ...
     assert {s: W.chain_priority(s) for s in W.STAGES} == {

@@ -94,11 +94,12 @@ def build_student(cfg: TrainConfig, ctx: TrainContext) -> nn.Module:
 def student_init(cfg: TrainConfig) -> str:
     """Where the student's initial weights came from, for the summary and the results table:
     ``checkpoint:<path>`` (``init_checkpoint``, which overrides ``model.init``), ``simclr:<path>`` /
-    ``imagenet:<path>`` (``model.init`` in the simclr / torchvision format) or ``random``."""
+    ``imagenet:<path>`` / ``backbone:<path>`` (``model.init`` in the simclr / torchvision / checkpoint format:
+    the last is another run's checkpoint without its classifier) or ``random``."""
     if cfg.init_checkpoint is not None:
         return f"checkpoint:{cfg.init_checkpoint}"
     if cfg.model.init is not None:
-        kind = "simclr" if cfg.model.init_format == "simclr" else "imagenet"
+        kind = {"simclr": "simclr", "checkpoint": "backbone"}.get(cfg.model.init_format, "imagenet")
         return f"{kind}:{cfg.model.init}"
     return "random"
 

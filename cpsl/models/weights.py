@@ -1,4 +1,6 @@
-"""Initial weights from local files: torchvision ImageNet ResNets and the SimCLRv2 R101 of the reference.
+"""Initial weights from local files: torchvision ImageNet ResNets, the SimCLRv2 R101 of the reference, or the
+backbone of one of our own checkpoints (``checkpoint``: e.g. the demo's source-only model as its stand-in for
+pretrained weights; the classifier ``layer5`` is not taken, so the network gets a new head).
 
 Nothing is ever downloaded. Files are read with ``torch.load(weights_only=True, map_location='cpu')``.
 Tensors are copied by name into the model's state dict (the reference's rule); every shape is checked before
@@ -18,11 +20,13 @@ import torch
 from torch import nn
 
 from cpsl.errors import CheckpointError, ConfigError
-from cpsl.models.checkpoint import short_error
+from cpsl.models.checkpoint import load_checkpoint, short_error
 
 log = logging.getLogger(__name__)
 
-INIT_FORMATS = ("torchvision", "simclr")
+INIT_FORMATS = ("torchvision", "simclr", "checkpoint")
+# What init_format "checkpoint" leaves out: the classifier (ASPP head), as for the SimCLR file.
+HEAD_PREFIX = "layer5."
 
 
 def read_state_dict(path: str | Path, fmt: str = "torchvision", key: str = "model.init") -> dict[str, torch.Tensor]:
@@ -30,6 +34,8 @@ def read_state_dict(path: str | Path, fmt: str = "torchvision", key: str = "mode
 
     ``torchvision``: the file is the state dict (a ``{'state_dict': ...}`` wrapper is accepted too).
     ``simclr``: the file is ``{'state_dict': {...}}`` with torchvision names (reference r101_1x_sk0.pth).
+    ``checkpoint``: one of our ``checkpoint.pt`` files (read and checked by ``load_checkpoint``); its student
+    weights without the classifier (``layer5.*``).
     A missing file raises ConfigError naming ``key``; an unreadable or wrongly shaped file raises CheckpointError.
     """
     if fmt not in INIT_FORMATS:
@@ -37,6 +43,8 @@ def read_state_dict(path: str | Path, fmt: str = "torchvision", key: str = "mode
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{key}: file not found: {path}")
+    if fmt == "checkpoint":
+        return {k: v for k, v in load_checkpoint(path)["model"].items() if not k.startswith(HEAD_PREFIX)}
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
