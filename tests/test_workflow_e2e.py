@@ -82,6 +82,8 @@ def test_demo_workflow_builds_the_results_table(demo_run):
     assert len(list((res / "demo/seed0/stage1/pseudo_hard").rglob("*_conf.png"))) == 8
     s3 = json.loads((res / "demo/seed0/stage3/train_summary.json").read_text())
     assert s3["student_init"] == "checkpoint:results/demo/seed0/stage2/checkpoint.pt"
+    s2 = json.loads((res / "demo/seed0/stage2/train_summary.json").read_text())   # the shipped "@source_only"
+    assert s2["student_init"] == "backbone:results/demo/seed0/source_only/checkpoint.pt"
     assert s3["teacher_bn_pretrain"] is True
     # logs and benchmarks for every rule
     assert (res / "demo/logs/seed0/train_warmup.log").is_file()
@@ -110,6 +112,9 @@ def test_nothing_left_to_do_after_a_complete_run(demo_run):
     "stage, key, value, expected",
     [
         ("oracle", "max_iters", 4, {"train": 1, "evaluate": 1, "collect": 1, "all": 1, "total": 4}),
+        # source_only, and stage 2 whose student starts from it ("@source_only"), with stage 3 after it
+        ("source_only", "max_iters", 4, {"train": 3, "stage_product": 1, "evaluate": 4, "collect": 1, "all": 1,
+                                         "total": 10}),
         # stage 1 and everything downstream of it (its hard labels, stages 2-3, their evaluations), nothing
         # upstream (no synth, prepare, warm-up or warm-up products)
         ("stage1", "selflabel", {"pixels_per_image": 16, "queue_length": 64, "sl_weight": 0.2},
