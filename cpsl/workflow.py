@@ -226,9 +226,7 @@ def product_path(config: dict, exp: str, seed: int, stage: str, product: str) ->
 def init_stage(config: dict, exp: str, stage: str) -> str | None:
     """The earlier stage whose final checkpoint ``stage``'s resolved ``model.init`` names (``"@source_only"``), or
     None when ``model.init`` is a file path or unset. Only an earlier stage of the chain order may be named."""
-    settings = experiment_settings(config, exp)
-    model = deep_merge(deep_merge(_model_settings(config, exp), (settings.get("train") or {}).get("model") or {}),
-                       ((settings.get("stages") or {}).get(stage) or {}).get("model") or {})
+    model = _stage_settings(config, exp, stage)["model"]
     init = model.get("init")
     if not (isinstance(init, str) and init.startswith(STAGE_REF)):
         return None
@@ -278,6 +276,14 @@ def stage_dir(config: dict, exp: str, seed: int, stage: str) -> Path:
     return seed_dir(config, exp, seed) / stage
 
 
+def _stage_settings(config: dict, exp: str, stage: str) -> dict:
+    """``train`` (shared) merged with ``stages.<stage>``, its ``model`` over the experiment's ``model``."""
+    settings = experiment_settings(config, exp)
+    merged = deep_merge(settings.get("train") or {}, (settings.get("stages") or {}).get(stage) or {})
+    merged["model"] = deep_merge(_model_settings(config, exp), merged.get("model") or {})
+    return merged
+
+
 def _model_settings(config: dict, exp: str) -> dict:
     settings = experiment_settings(config, exp)
     model = dict(settings.get("model") or {})
@@ -293,8 +299,7 @@ def train_config(config: dict, exp: str, seed: int, stage: str) -> dict:
     check_keys(C.ModelConfig, settings.get("model"), f"{base}.model")
     check_keys(C.TrainConfig, settings.get("train"), f"{base}.train")
     check_keys(C.TrainConfig, settings["stages"][stage], f"{base}.stages.{stage}")
-    merged = deep_merge(settings.get("train") or {}, settings["stages"][stage] or {})
-    merged["model"] = deep_merge(_model_settings(config, exp), merged.get("model") or {})
+    merged = _stage_settings(config, exp, stage)
     data = dict(merged.get("data") or {})
     if stage != "oracle":
         data["source"] = str(prepared_dir(config, exp, "source"))
@@ -302,8 +307,8 @@ def train_config(config: dict, exp: str, seed: int, stage: str) -> dict:
         data["target"] = str(prepared_dir(config, exp, "target_train"))
     merged.update(stage=stage, experiment=exp, seed=seed, data=data)
     inputs = stage_inputs(config, exp, stage)
-    for key, path in stage_input_files(config, exp, seed, stage).items():
-        src, product = inputs[key]
+    for key, (src, product) in inputs.items():
+        path = product_path(config, exp, seed, src, product)
         inner = PRODUCTS.get(product)
         value = str(path / inner) if inner else str(path)
         section, _, name = key.rpartition(".")
