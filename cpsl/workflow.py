@@ -45,7 +45,8 @@ STAGE_INPUTS: dict[str, dict[str, tuple[str, str]]] = {
 
 # ``model.init: "@<stage>"`` names the final checkpoint of an earlier stage of the same experiment and seed; the
 # student takes its weights without the classifier (init_format "checkpoint"). The demo starts its stage-2 student
-# from the source-only model this way, as its stand-in for the paper's SimCLRv2 weights.
+# from the source-only model this way, as its stand-in for the paper's SimCLRv2 weights. ``init_checkpoint:
+# "@<stage>"`` takes the whole network, classifier included (e.g. a warm-up that continues the source-only model).
 STAGE_REF = "@"
 
 
@@ -204,15 +205,18 @@ def stages(config: dict, exp: str) -> list[str]:
     return chosen
 
 
-def chain_priority(stage: str) -> int:
-    """Snakemake priority of a stage's training and of the products made from it: the number of later stages
-    that wait for it (warmup 3 ... stage3 0, source_only and oracle 0, scaled by 10 so that a stage's products
-    (priority + 5) come between it and the next stage). With few cores, the scheduler then runs the
-    warm-up -> stage 1 -> 2 -> 3 chain first and fits the baselines beside it. Derived from STAGE_INPUTS."""
+def chain_priority(config: dict, exp: str, stage: str) -> int:
+    """Snakemake priority of a stage's training and of the products made from it: the number of the
+    experiment's later stages that wait for it, directly or through others (with the shipped demo: source_only 4,
+    as the warm-up and the stage-2 student start from it; warmup 3 ... stage3 0; oracle 0), scaled by 10 so that
+    a stage's products (priority + 5) come between it and the next stage. With few cores, the scheduler then runs
+    the chain to stage 3 first and fits the rest beside it. Derived from ``stage_inputs``, so a ``model.init``
+    naming a stage counts as an edge."""
+    consumes = {later: {src for src, _ in stage_inputs(config, exp, later).values()}
+                for later in stages(config, exp)}
     waiting, frontier = set(), {stage}
     while frontier:
-        frontier = {later for later, needs in STAGE_INPUTS.items()
-                    if any(src in frontier for src, _ in needs.values())} - waiting
+        frontier = {later for later, needs in consumes.items() if needs & frontier} - waiting
         waiting |= frontier
     return 10 * len(waiting)
 
@@ -223,31 +227,46 @@ def product_path(config: dict, exp: str, seed: int, stage: str, product: str) ->
     return sdir / "checkpoint.pt" if product == "checkpoint" else sdir / product
 
 
+def _stage_ref(config: dict, exp: str, stage: str, key: str, value: Any) -> str | None:
+    """The stage that ``value`` (the setting ``key`` of ``stage``) names as ``"@<stage>"``, or None when it is not a
+    stage reference. Only an earlier stage of the chain order may be named."""
+    if not (isinstance(value, str) and value.startswith(STAGE_REF)):
+        return None
+    earlier = STAGES[:STAGES.index(stage)]
+    if value[len(STAGE_REF):] not in earlier:
+        raise ConfigError(f"config: experiment_settings.{exp}.stages.{stage}.{key}: {value!r} must name an "
+                          f"earlier stage ({', '.join(STAGE_REF + s for s in earlier) or 'none before ' + stage})")
+    return value[len(STAGE_REF):]
+
+
 def init_stage(config: dict, exp: str, stage: str) -> str | None:
     """The earlier stage whose final checkpoint ``stage``'s resolved ``model.init`` names (``"@source_only"``), or
     None when ``model.init`` is a file path or unset. Only an earlier stage of the chain order may be named."""
     model = _stage_settings(config, exp, stage)["model"]
-    init = model.get("init")
-    if not (isinstance(init, str) and init.startswith(STAGE_REF)):
-        return None
-    earlier = STAGES[:STAGES.index(stage)]
-    if init[len(STAGE_REF):] not in earlier:
-        raise ConfigError(f"config: experiment_settings.{exp}.stages.{stage}.model.init: {init!r} must name an "
-                          f"earlier stage ({', '.join(STAGE_REF + s for s in earlier) or 'none before ' + stage})")
-    if model.get("init_format", "checkpoint") != "checkpoint":
+    ref = _stage_ref(config, exp, stage, "model.init", model.get("init"))
+    if ref is not None and model.get("init_format", "checkpoint") != "checkpoint":
         raise ConfigError(f"config: experiment_settings.{exp}.stages.{stage}.model.init_format: must be "
-                          f"'checkpoint' (or unset) when model.init names a stage ({init!r}), "
+                          f"'checkpoint' (or unset) when model.init names a stage ({model['init']!r}), "
                           f"got {model['init_format']!r}")
-    return init[len(STAGE_REF):]
+    return ref
 
 
 def stage_inputs(config: dict, exp: str, stage: str) -> dict[str, tuple[str, str]]:
-    """What ``stage`` consumes, TrainConfig key -> (stage, product): its STAGE_INPUTS, plus ``model.init`` when
-    that names an earlier stage's checkpoint."""
+    """What ``stage`` consumes, TrainConfig key -> (stage, product): its STAGE_INPUTS, plus ``model.init`` (the
+    network without its classifier) or ``init_checkpoint`` (the whole network) when they name an earlier stage's
+    checkpoint."""
     inputs = dict(STAGE_INPUTS.get(stage, {}))
     ref = init_stage(config, exp, stage)
     if ref is not None:
         inputs["model.init"] = (ref, "checkpoint")
+    value = _stage_settings(config, exp, stage).get("init_checkpoint")
+    ref = _stage_ref(config, exp, stage, "init_checkpoint", value)
+    if ref is not None:
+        if "init_checkpoint" in inputs:
+            src = inputs["init_checkpoint"][0]
+            raise ConfigError(f"config: experiment_settings.{exp}.stages.{stage}.init_checkpoint: {value!r}: "
+                              f"{stage} always starts from the {src} checkpoint; leave init_checkpoint unset")
+        inputs["init_checkpoint"] = (ref, "checkpoint")
     return inputs
 
 

@@ -322,6 +322,18 @@ def _(ctx: Ctx) -> str:
             f"{last.parent} to start over")
 
 
+@case("train-resume-after-an-input-was-rebuilt", "train")
+def _(ctx: Ctx) -> str:
+    cfg = _train(ctx)
+    last = ctx.out / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state["iteration"] = 2                                   # an unfinished run (a finished one starts over)
+    state["extra"]["inputs"]["data.source"] = "0123456789abcdef"   # the fingerprint of an earlier build
+    save_checkpoint(last, state)
+    return (f"{last}: written by a run with other inputs (data.source: {cfg['data']['source']} was rebuilt or "
+            f"replaced since); resuming would mix the two, delete {last.parent} to start over")
+
+
 @case("train-missing-prepared-split", "train")
 def _(ctx: Ctx) -> str:
     _train(ctx, **{"data.source": str(ctx.tmp / "not prepared")})

@@ -158,7 +158,8 @@ def test_cli_stage_check_and_resume_config_check(tmp_path, pair_dir, capsys):  #
     cpu = torch.device("cpu")
     amp = Amp("off", cpu)
     method = build_method(cfg1, TrainContext(cpu, DistInfo(0, 1, 0, cpu), amp))
-    save_checkpoint(out / loop.LAST, loop._resumable_state(method, cfg1, 1, amp, [loop.capture_rng_state()]))
+    save_checkpoint(out / loop.LAST, loop._resumable_state(method, cfg1, 1, amp, [loop.capture_rng_state()],
+                                                         loop.input_fingerprints(cfg1)))
     cfg2 = train_config(pair_dir, "source_only", max_iters=3, checkpoint_interval=1, **{"optim.lr": 0.5})
     with pytest.raises(CheckpointError, match=r"optim.lr: 0.01 there, 0.5 now"):
         train(cfg2, out)

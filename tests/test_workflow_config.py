@@ -194,7 +194,50 @@ def test_model_init_can_name_an_earlier_stage(shipped, tmp_path):
         W.step_config_files(shipped)
 
 
-def test_chain_priorities_put_the_warmup_to_stage3_chain_first():
-    # the number of later stages waiting on each one (x10): warmup feeds stage1, which feeds stage2, ...
-    assert {s: W.chain_priority(s) for s in W.STAGES} == {
-        "source_only": 0, "warmup": 30, "oracle": 0, "stage1": 20, "stage2": 10, "stage3": 0}
+def test_init_checkpoint_can_name_an_earlier_stage(shipped, tmp_path):
+    res = tmp_path / "results"
+    shipped["results_dir"] = str(res)
+    stages = shipped["experiment_settings"]["demo"]["stages"]
+    stages["warmup"] = {"max_iters": 5, "init_checkpoint": "@source_only"}
+    files = W.step_config_files(shipped)
+    warmup = yaml.safe_load(files["demo/seed0/train_warmup"].read_text())
+    ckpt = res / "demo/seed0/source_only/checkpoint.pt"
+    assert warmup["init_checkpoint"] == str(ckpt)                  # the whole network, classifier included
+    assert W.stage_input_files(shipped, "demo", 0, "warmup")["init_checkpoint"] == ckpt   # a Snakemake input
+    assert yaml.safe_load(files["demo/seed0/train_oracle"].read_text())["init_checkpoint"] is None
+    stages["warmup"]["init_checkpoint"] = "@oracle"
+    with pytest.raises(ConfigError, match=r"^config: experiment_settings\.demo\.stages\.warmup\.init_checkpoint: "
+                                          r"'@oracle' must name an earlier stage \(@source_only\)"):
+        W.step_config_files(shipped)
+    # stage 1 (and stage 3) always continue the previous stage: a stage reference there is refused, not ignored
+    stages["warmup"]["init_checkpoint"] = "@source_only"
+    stages["stage1"]["init_checkpoint"] = "@source_only"
+    with pytest.raises(ConfigError, match=r"stages\.stage1\.init_checkpoint: '@source_only': stage1 always starts "
+                                          r"from the warmup checkpoint"):
+        W.step_config_files(shipped)
+    del stages["stage1"]["init_checkpoint"]
+    del stages["source_only"]
+    stages["stage2"].setdefault("model", {})["init"] = None
+    with pytest.raises(ConfigError, match=r"stages\.warmup: needs stage 'source_only' \(for init_checkpoint\)"):
+        W.step_config_files(shipped)
+
+
+def test_chain_priorities_count_the_stages_waiting_on_each_one(shipped):
+    # x10 the number of later stages waiting on each one, directly or through others
+    def priorities():
+        return {s: W.chain_priority(shipped, "demo", s) for s in W.STAGES}
+    stages = shipped["experiment_settings"]["demo"]["stages"]
+    # the shipped demo: the stage-2 student starts from the source-only model, so stages 2 and 3 wait on it
+    assert priorities() == {"source_only": 20, "warmup": 30, "oracle": 0, "stage1": 20, "stage2": 10, "stage3": 0}
+    for stage in stages.values():
+        stage.get("model", {}).pop("init", None)
+        stage.pop("init_checkpoint", None)
+    # the static chain: warmup feeds stage1, which feeds stage2, which feeds stage3
+    assert priorities() == {"source_only": 0, "warmup": 30, "oracle": 0, "stage1": 20, "stage2": 10, "stage3": 0}
+    # a model.init naming a stage is an edge too: stage 2 (and through it stage 3) waits on the oracle
+    stages["stage2"].setdefault("model", {})["init"] = "@oracle"
+    assert priorities() == {"source_only": 0, "warmup": 30, "oracle": 20, "stage1": 20, "stage2": 10, "stage3": 0}
+    # without stage 3 in the experiment, nothing waits on stage 2
+    del stages["stage3"]
+    assert W.chain_priority(shipped, "demo", "stage2") == 0
+    assert W.chain_priority(shipped, "demo", "oracle") == 10

@@ -15,7 +15,8 @@ Outputs in ``out`` (written by rank 0 only)::
     checkpoints/last.pt   resumable state (networks, optimizers, schedulers, grad scaler, iteration, RNG states
                           of every rank, config, seed); kept at max_iters after the end, so a job killed
                           after the final save (and whose checkpoint.pt Snakemake then deletes) finishes on
-                          rerun without retraining; a finished run with other settings is discarded on rerun
+                          rerun without retraining; a finished run with other settings or other inputs is
+                          discarded on rerun
     checkpoint.pt         the final model (networks only, ``iteration`` = max_iters, config, seed)
     metrics.jsonl         one JSON object per log line: iteration, loss/<name> (mean over the last
                           log_interval iterations), lr/<group> (the rate used by that iteration), time_iter,
@@ -25,13 +26,20 @@ Outputs in ``out`` (written by rank 0 only)::
 
 Resume: if ``checkpoints/last.pt`` exists, training continues from it. The data order and augmentation are a
 pure function of (seed, iteration, slot) and every RNG state is restored, so on the CPU the final weights equal
-those of an uninterrupted run. The checkpoint's config must match (except workers, intervals, device).
+those of an uninterrupted run. The checkpoint's config must match (except workers, intervals, device), and so
+must its inputs: ``last.pt`` records a fingerprint of every file or folder the stage reads (``INPUT_KEYS``:
+size and modification time of each file). An input rebuilt since (Snakemake reran the warm-up, so stage 1's
+warm-up checkpoint, soft labels and prototypes are new files at the same paths) makes a finished run start over
+and an unfinished one stop with a message naming the input, instead of resuming from weights trained on the old
+inputs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 from collections import defaultdict
@@ -58,6 +66,9 @@ METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
 # Settings that may change between a killed run and its resumption without changing the result.
 RESUME_FREE_KEYS = ("data.workers", "log_interval", "checkpoint_interval", "device")
+# The files and folders a stage reads (TrainConfig keys); their fingerprints go into checkpoints/last.pt.
+INPUT_KEYS = ("data.source", "data.target", "init_checkpoint", "model.init", "selflabel.soft_labels",
+              "selflabel.prototypes", "selflabel.class_dist", "distill.teacher", "distill.hard_labels")
 
 
 class TrainingError(CpslError):
@@ -94,6 +105,42 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _settings_differ(state: dict[str, Any], cfg: TrainConfig) -> bool:
     old, new = _flatten(state.get("config") or {}), _flatten(to_dict(cfg))
     return any(old.get(k) != new.get(k) for k in set(old) | set(new) if k not in RESUME_FREE_KEYS)
+
+
+def fingerprint(path: str | Path) -> str:
+    """A short digest of the size and modification time of ``path``, or of every file under it (relative name,
+    size, mtime, in name order) for a folder; ``"missing"`` when it does not exist. A rebuilt input gets new
+    modification times, so its fingerprint changes even when its size does not."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                file = Path(root) / name
+                st = file.stat()
+                digest.update(f"{file.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    elif path.exists():
+        st = path.stat()
+        digest.update(f"{st.st_size}\0{st.st_mtime_ns}".encode())
+    else:
+        return "missing"
+    return digest.hexdigest()[:16]
+
+
+def input_fingerprints(cfg: TrainConfig) -> dict[str, str]:
+    """``fingerprint`` of every input the stage reads (``INPUT_KEYS`` that are set), by config key."""
+    flat = _flatten(to_dict(cfg))
+    return {key: fingerprint(flat[key]) for key in INPUT_KEYS if flat.get(key)}
+
+
+def _changed_input(state: dict[str, Any], inputs: dict[str, str]) -> str | None:
+    """The first input whose fingerprint differs from the one ``state`` recorded (None for checkpoints written
+    before fingerprints were recorded)."""
+    old = (state.get("extra") or {}).get("inputs")
+    if old is None:
+        return None
+    return next((key for key in sorted(set(old) | set(inputs)) if old.get(key) != inputs.get(key)), None)
 
 
 def check_resume_config(state: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
@@ -201,13 +248,14 @@ def _check_finite(method: Method, done: int, last_path: Path, last_saved: int | 
 
 
 def _resumable_state(method: Method, cfg: TrainConfig, iteration: int, amp: Amp,
-                     rng_states: list[dict[str, Any]]) -> dict[str, Any]:
+                     rng_states: list[dict[str, Any]], inputs: dict[str, str]) -> dict[str, Any]:
     """The resumable checkpoint (``checkpoints/last.pt``) after ``iteration`` finished iterations."""
     parts = {k: v for k, v in method.state_dict(full=True).items() if k != "model"}
     return make_checkpoint(method.student, cfg.model, iteration=iteration, rng=rng_states[0],
                            config=to_dict(cfg), seed=cfg.seed,
                            extra={"stage": cfg.stage, **method.describe(), "grad_scaler": amp.state_dict(),
-                                  "rng_per_rank": rng_states, "batch_size": cfg.data.batch_size},
+                                  "rng_per_rank": rng_states, "batch_size": cfg.data.batch_size,
+                                  "inputs": inputs},
                            **parts)
 
 
@@ -236,17 +284,26 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     method = build_method(cfg, ctx)
 
     last_path, start, state = out / LAST, 0, None
+    inputs = input_fingerprints(cfg)
     if last_path.is_file():
         state = load_checkpoint(last_path)
         finished = int(state.get("iteration", 0)) >= int((state.get("config") or {}).get("max_iters", -1))
-        if finished and _settings_differ(state, cfg):
-            # a completed run with other settings (the workflow reruns a stage whose settings changed): its
-            # final model was already published, so start over instead of refusing. The file stays until the
-            # new run's first checkpoint replaces it (a bad input found below must not destroy it)
-            _say(info, f"{last_path} is a finished run with other settings; starting over")
+        changed = _changed_input(state, inputs)
+        if finished and (_settings_differ(state, cfg) or changed):
+            # a completed run with other settings or inputs (the workflow reruns a stage whose settings changed
+            # or whose inputs were rebuilt): its final model was already published, so start over instead of
+            # refusing. The file stays until the new run's first checkpoint replaces it (a bad input found below
+            # must not destroy it)
+            why = f"other inputs ({changed} was rebuilt since)" if changed else "other settings"
+            _say(info, f"{last_path} is a finished run with {why}; starting over")
             state = None
     if state is not None:
         check_resume_config(state, cfg, last_path)
+        if changed:
+            now = _flatten(to_dict(cfg)).get(changed) or "unset now"
+            raise CheckpointError(f"{last_path}: written by a run with other inputs ({changed}: {now} was "
+                                  f"rebuilt or replaced since); resuming would mix the two, delete "
+                                  f"{last_path.parent} to start over")
         method.load_state_dict(state, last_path)
         amp.load_state_dict(state.get("extra", {}).get("grad_scaler", {}))
         start = int(state["iteration"])
@@ -307,7 +364,7 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
                 _check_finite(method, done, last_path, last_saved)
                 rng_states = gather_rng_states()
                 if info.is_main:
-                    save_checkpoint(last_path, _resumable_state(method, cfg, done, amp, rng_states))
+                    save_checkpoint(last_path, _resumable_state(method, cfg, done, amp, rng_states, inputs))
                 last_saved = done
     finally:
         bar.close()
@@ -323,7 +380,7 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     if last_saved != cfg.max_iters:  # all ranks: gathering the RNG states is a collective
         rng_states = gather_rng_states()
         if info.is_main:
-            save_checkpoint(last_path, _resumable_state(method, cfg, cfg.max_iters, amp, rng_states))
+            save_checkpoint(last_path, _resumable_state(method, cfg, cfg.max_iters, amp, rng_states, inputs))
     if info.is_main:
         final = make_checkpoint(method.student, cfg.model, iteration=cfg.max_iters, config=to_dict(cfg),
                                 seed=cfg.seed, rng=capture_rng_state(),

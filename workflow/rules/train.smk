@@ -29,7 +29,7 @@ rule train:
         stage=STAGE_RE,
         seed=r"\d+",
     threads: threads_of("train")
-    priority: lambda wc: W.chain_priority(wc.stage)
+    priority: lambda wc: W.chain_priority(config, wc.exp, wc.stage)
     resources:
         **resources_of("train"),
     params:
@@ -110,7 +110,7 @@ rule stage_product:
         seed=r"\d+",
         product="|".join(W.PRODUCTS),
     threads: threads_of("stage_product")
-    priority: lambda wc: W.chain_priority(wc.stage) + 5
+    priority: lambda wc: W.chain_priority(config, wc.exp, wc.stage) + 5
     resources:
         **resources_of("stage_product"),
     params:
