@@ -181,7 +181,10 @@ def test_killed_training_resumes_when_the_workflow_is_started_again(tmp_path, si
     last = tmp_path / "results/demo/seed0/source_only/checkpoints/last.pt"
     cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile",
            str(REPO / "config.yaml"), str(tmp_path / "tiny.yaml"), "--cores", "1", target]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # Ctrl-C as in a terminal: SIGINT at its default disposition in Snakemake and its jobs, even when this test
+    # runs in the background of a non-interactive shell (`bash .ci/run &`), which starts it with SIGINT ignored
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 300
         while not last.exists() and time.time() < deadline and proc.poll() is None:
