@@ -300,7 +300,8 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     if state is not None:
         check_resume_config(state, cfg, last_path)
         if changed:
-            now = _flatten(to_dict(cfg)).get(changed) or "unset now"
+            # the settings match, so the changed key is set in both runs: only its file or folder differs
+            now = _flatten(to_dict(cfg)).get(changed)
             raise CheckpointError(f"{last_path}: written by a run with other inputs ({changed}: {now} was "
                                   f"rebuilt or replaced since); resuming would mix the two, delete "
                                   f"{last_path.parent} to start over")
