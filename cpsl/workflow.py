@@ -239,10 +239,11 @@ def _stage_ref(config: dict, exp: str, stage: str, key: str, value: Any) -> str 
     return value[len(STAGE_REF):]
 
 
-def init_stage(config: dict, exp: str, stage: str) -> str | None:
+def init_stage(config: dict, exp: str, stage: str, settings: dict | None = None) -> str | None:
     """The earlier stage whose final checkpoint ``stage``'s resolved ``model.init`` names (``"@source_only"``), or
-    None when ``model.init`` is a file path or unset. Only an earlier stage of the chain order may be named."""
-    model = _stage_settings(config, exp, stage)["model"]
+    None when ``model.init`` is a file path or unset. Only an earlier stage of the chain order may be named.
+    ``settings``: the stage's ``_stage_settings``, when the caller has them already."""
+    model = (settings or _stage_settings(config, exp, stage))["model"]
     ref = _stage_ref(config, exp, stage, "model.init", model.get("init"))
     if ref is not None and model.get("init_format", "checkpoint") != "checkpoint":
         raise ConfigError(f"config: experiment_settings.{exp}.stages.{stage}.model.init_format: must be "
@@ -256,10 +257,11 @@ def stage_inputs(config: dict, exp: str, stage: str) -> dict[str, tuple[str, str
     network without its classifier) or ``init_checkpoint`` (the whole network) when they name an earlier stage's
     checkpoint."""
     inputs = dict(STAGE_INPUTS.get(stage, {}))
-    ref = init_stage(config, exp, stage)
+    settings = _stage_settings(config, exp, stage)
+    ref = init_stage(config, exp, stage, settings)
     if ref is not None:
         inputs["model.init"] = (ref, "checkpoint")
-    value = _stage_settings(config, exp, stage).get("init_checkpoint")
+    value = settings.get("init_checkpoint")
     ref = _stage_ref(config, exp, stage, "init_checkpoint", value)
     if ref is not None:
         if "init_checkpoint" in inputs:

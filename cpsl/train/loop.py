@@ -102,9 +102,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _first_difference(old: dict[str, Any], new: dict[str, Any], skip: tuple[str, ...] = ()) -> str | None:
+    """The first key (in sorted order, ``skip`` left out) whose value differs between two flat dicts."""
+    return next((k for k in sorted(set(old) | set(new)) if k not in skip and old.get(k) != new.get(k)), None)
+
+
 def _settings_differ(state: dict[str, Any], cfg: TrainConfig) -> bool:
     old, new = _flatten(state.get("config") or {}), _flatten(to_dict(cfg))
-    return any(old.get(k) != new.get(k) for k in set(old) | set(new) if k not in RESUME_FREE_KEYS)
+    return _first_difference(old, new, RESUME_FREE_KEYS) is not None
 
 
 def fingerprint(path: str | Path) -> str:
@@ -138,17 +143,14 @@ def _changed_input(state: dict[str, Any], inputs: dict[str, str]) -> str | None:
     """The first input whose fingerprint differs from the one ``state`` recorded (None for checkpoints written
     before fingerprints were recorded)."""
     old = (state.get("extra") or {}).get("inputs")
-    if old is None:
-        return None
-    return next((key for key in sorted(set(old) | set(inputs)) if old.get(key) != inputs.get(key)), None)
+    return None if old is None else _first_difference(old, inputs)
 
 
 def check_resume_config(state: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     """Raise CheckpointError if ``path`` was written by a run with different settings."""
     old, new = _flatten(state.get("config") or {}), _flatten(to_dict(cfg))
-    for key in sorted(set(old) | set(new)):
-        if key in RESUME_FREE_KEYS or old.get(key) == new.get(key):
-            continue
+    key = _first_difference(old, new, RESUME_FREE_KEYS)
+    if key is not None:
         raise CheckpointError(f"{path}: written by a run with different settings ({key}: {old.get(key)!r} there, "
                               f"{new.get(key)!r} now); delete {path.parent} to start over")
 
