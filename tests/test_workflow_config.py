@@ -205,6 +205,10 @@ def test_init_checkpoint_can_name_an_earlier_stage(shipped, tmp_path):
     assert warmup["init_checkpoint"] == str(ckpt)                  # the whole network, classifier included
     assert W.stage_input_files(shipped, "demo", 0, "warmup")["init_checkpoint"] == ckpt   # a Snakemake input
     assert yaml.safe_load(files["demo/seed0/train_oracle"].read_text())["init_checkpoint"] is None
+    # the shipped demo's stage-2 student: the whole stage-1 network, which is also its teacher
+    stage2 = yaml.safe_load(files["demo/seed0/train_stage2"].read_text())
+    assert stage2["init_checkpoint"] == stage2["distill"]["teacher"] == str(res / "demo/seed0/stage1/checkpoint.pt")
+    assert stage2["model"]["init"] is None
     stages["warmup"]["init_checkpoint"] = "@oracle"
     with pytest.raises(ConfigError, match=r"^config: experiment_settings\.demo\.stages\.warmup\.init_checkpoint: "
                                           r"'@oracle' must name an earlier stage \(@source_only\)"):
@@ -227,7 +231,12 @@ def test_chain_priorities_count_the_stages_waiting_on_each_one(shipped):
     def priorities():
         return {s: W.chain_priority(shipped, "demo", s) for s in W.STAGES}
     stages = shipped["experiment_settings"]["demo"]["stages"]
-    # the shipped demo: the stage-2 student starts from the source-only model, so stages 2 and 3 wait on it
+    # the shipped demo: the static chain below, plus the stage-2 student starting from the stage-1 model (an edge
+    # that the teacher already makes)
+    assert stages["stage2"]["init_checkpoint"] == "@stage1"
+    assert priorities() == {"source_only": 0, "warmup": 30, "oracle": 0, "stage1": 20, "stage2": 10, "stage3": 0}
+    # a stage-2 student from the source-only backbone: stages 2 and 3 wait on source_only
+    stages["stage2"]["model"] = {"init": "@source_only"}
     assert priorities() == {"source_only": 20, "warmup": 30, "oracle": 0, "stage1": 20, "stage2": 10, "stage3": 0}
     for stage in stages.values():
         stage.get("model", {}).pop("init", None)

@@ -34,8 +34,9 @@ KD term (``distill.kd_mode``), teacher and student logits both upsampled to the 
   effectively off, and the term can be negative. No mask (the reference's mask ``teacher != 250`` is always 1).
 
 Networks. The student is built by ``Method`` (``build_student``): stage 2 from ``model.init`` (SimCLRv2 with
-``model.bn_pretrain: true`` and a new head; random init when no file is configured, e.g. the demo), stage 3 from
-``init_checkpoint`` (the stage-2 model; ``check_model_fits`` refuses a ``model.bn_pretrain`` mismatch). The
+``model.bn_pretrain: true`` and a new head) or from ``init_checkpoint`` (a whole network: the demo's stage-2
+student is the stage-1 model), random init when neither is configured; stage 3 from ``init_checkpoint`` (the
+stage-2 model). ``check_model_fits`` refuses a ``model.bn_pretrain`` mismatch with ``init_checkpoint``. The
 teacher is ``distill.teacher`` loaded by ``load_teacher``: its architecture, ``bn_pretrain`` included, comes
 from its checkpoint's ``model_config`` (no user flag; the reference's ``--ema_bn`` trap cannot happen). It is in
 eval mode, has no gradients, is not in any optimizer and not in the resumable checkpoint (it is reloaded from
