@@ -209,10 +209,10 @@ def chain_priority(config: dict, exp: str, stage: str) -> int:
     """Snakemake priority of a stage's training and of the products made from it: the number of the
     experiment's later stages that wait for it, directly or through others (with the shipped demo: warmup 3,
     stage1 2, stage2 1, stage3, source_only and oracle 0; source_only 2 when the stage-2 student starts from its
-    backbone, ``model.init: "@source_only"``), scaled by 10 so
-    that a stage's products (priority + 5) come between it and the next stage. With few cores, the scheduler then
-    runs the chain to stage 3 first and fits the rest beside it. Derived from ``stage_inputs``, so a
-    ``model.init`` or ``init_checkpoint`` naming a stage counts as an edge."""
+    backbone, ``model.init: "@source_only"``), scaled by 10 so that a stage's products (priority + 5) come
+    between it and the next stage. With few cores, the scheduler then runs the chain to stage 3 first and fits
+    the rest beside it. Derived from ``stage_inputs``, so a ``model.init`` or ``init_checkpoint`` naming a stage
+    counts as an edge."""
     consumes = {later: {src for src, _ in stage_inputs(config, exp, later).values()}
                 for later in stages(config, exp)}
     waiting, frontier = set(), {stage}
