@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -119,6 +121,17 @@ def test_evaluate_hand_checked_miou(tmp_path, monkeypatch):
         png = Image.open(out / "samples" / entry["prediction"])
         assert png.mode == "P" and np.array_equal(np.array(png), pred)
         assert png.getpalette()[:9] == [128, 64, 128, 244, 35, 232, 70, 70, 70]  # road, sidewalk, building
+    # a rerun removes the temp file of a sample that a killed run (a process that no longer exists) was writing,
+    # and leaves one of a live writer alone
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = out / "samples" / f".{index[0]['prediction']}.{dead.pid}-abc123.tmp"
+    live = out / "samples" / f".{index[0]['prediction']}.{os.getpid()}-def456.tmp"
+    stale.write_bytes(b"half a png")
+    live.write_bytes(b"being written")
+    evaluate.run(cfg, out)
+    assert not stale.exists() and live.exists()
+    live.unlink()
     none = evaluate.run(EvaluateConfig(checkpoint=tmp_path / "ck.pt", data=data, samples=0, **_kw()), tmp_path / "n")
     assert none["miou"] == metrics["miou"] and not (tmp_path / "n" / "samples").exists()
     # recorded names fall back to the checkpoint's own config

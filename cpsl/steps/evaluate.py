@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from cpsl import inference
 from cpsl.config import EvaluateConfig
 from cpsl.data.common import write_bytes_atomic
+from cpsl.provenance import remove_stale_temps
 from cpsl.labels import palette
 from cpsl.metrics import ConfusionMatrix
 
@@ -115,8 +116,11 @@ def run(cfg: EvaluateConfig, out: Path) -> dict:
 
 
 def write_samples(folder: Path, split: Any, predictions: dict[int, np.ndarray]) -> None:
-    """``folder/<name>.png`` (palette PNG of train ids) per prediction and ``folder/index.json``, each atomic."""
+    """``folder/<name>.png`` (palette PNG of train ids) per prediction and ``folder/index.json``, each atomic.
+    The temp files that a killed run left in ``folder`` are removed first (``run_step`` only cleans ``out``)."""
     from PIL import Image
+
+    remove_stale_temps(folder)
 
     pal = palette(split.classes).flatten().tolist()
     index = []
