@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from cpsl import inference
 from cpsl.config import EvaluateConfig
 from cpsl.data.common import write_bytes_atomic
-from cpsl.provenance import remove_stale_temps
 from cpsl.labels import palette
 from cpsl.metrics import ConfusionMatrix
+from cpsl.provenance import remove_stale_temps
 
 
 def _recorded(cfg: EvaluateConfig, state: dict[str, Any]) -> tuple[str, str, int]:
