@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from cpsl import progress
 from cpsl.config import InferenceSettings, ModelConfig
 from cpsl.data.common import publish_dir, read_image, remove_path, remove_stale_staging
 from cpsl.data.prepared import PreparedSplit
@@ -267,9 +267,7 @@ def iter_batches(split: PreparedSplit, indices: list[int], cfg: InferenceSetting
                         persistent_workers=False)
     bar = None
     if cfg.progress and show_progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(indices), desc=desc, unit="img", file=sys.stderr, mininterval=2.0,
-                   dynamic_ncols=True)
+        bar = progress.bar(total=len(indices), desc=desc, unit="img")
     try:
         for items in loader:
             start = 0

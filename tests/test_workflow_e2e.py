@@ -90,6 +90,11 @@ def test_demo_workflow_builds_the_results_table(demo_run):
     assert s3["teacher_bn_pretrain"] is True
     # logs and benchmarks for every rule
     assert (res / "demo/logs/seed0/train_warmup.log").is_file()
+    # the progress bars in the rule logs are plain lines (no in-place redraws behind carriage returns)
+    for name, final in (("train_warmup", "warmup: 100%"), ("pseudo_soft_warmup", "pseudo-soft: 100%")):
+        log = (res / f"demo/logs/seed0/{name}.log").read_text()
+        assert "\r" not in log, name
+        assert any(line.startswith(final) for line in log.splitlines()), log[-2000:]
     assert (res / "demo/benchmarks/seed0/train_warmup.tsv").is_file()
     assert (res / "plots/demo_per_class.png").is_file()
     # target-val predictions of every stage in the Cityscapes palette, side by side

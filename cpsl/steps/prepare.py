@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 import cpsl
-from cpsl import labels
+from cpsl import labels, progress
 from cpsl.config import PrepareConfig
 from cpsl.data import get_format
 from cpsl.data.common import (Problem, Sample, publish_dir, read_image, remove_path, remove_stale_staging,
@@ -175,11 +175,7 @@ def _convert_all(samples: list[Sample], job: _Job, workers: int) -> Iterator[tup
 
 
 def _progress(it: Iterator, total: int, desc: str) -> Iterator:
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return it
-    return tqdm(it, total=total, desc=desc, unit="img", file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+    return progress.bar(it, total=total, desc=desc, unit="img")
 
 
 def _first_problem_error(problems: list[Problem], scan_only: bool = False) -> DataError:

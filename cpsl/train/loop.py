@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
+from cpsl import progress
 from cpsl.config import TrainConfig, to_dict
 from cpsl.errors import CheckpointError, ConfigError, CpslError
 from cpsl.methods import Amp, Method, TrainContext, build_method
@@ -328,8 +328,7 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     last_losses: dict[str, float] = {}
     per_iter: list[float] = []
     t_start = time.perf_counter()
-    bar = tqdm(total=cfg.max_iters, initial=start, desc=cfg.stage, file=sys.stderr, disable=not info.is_main,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = progress.bar(total=cfg.max_iters, initial=start, desc=cfg.stage, disable=not info.is_main)
     try:
         for it in range(start, cfg.max_iters):
             done = it + 1
