@@ -26,7 +26,18 @@ def test_log_file_gets_one_line_per_redraw_without_carriage_returns():
     assert len(lines) == 2, lines
     assert lines[0].startswith("stage1:") and "0/5" in lines[0]
     assert lines[1].startswith("stage1: 100%") and "5/5" in lines[1]
-    assert all(len(line) <= 100 for line in lines)
+
+
+def test_log_file_lines_keep_the_whole_postfix():
+    buf = io.StringIO()
+    bar = progress.bar(total=2, desc="stage1", stream=buf)
+    losses = {"ce_source": "0.4772", "cts": "1.056", "consist": "0.1042", "sl": "1.421", "contrast": "2.397",
+              "loss": "1.721", "cutmix": "0.5"}
+    bar.update(2)
+    bar.set_postfix(losses, refresh=False)
+    bar.close()
+    last = buf.getvalue().splitlines()[-1]
+    assert last.startswith("stage1: 100%") and last.endswith(", ".join(f"{k}={v}" for k, v in losses.items()) + "]")
 
 
 def test_iterable_and_resume_position_in_a_log_file():
