@@ -174,10 +174,6 @@ def _convert_all(samples: list[Sample], job: _Job, workers: int) -> Iterator[tup
         yield from pool.imap(_convert_indexed, items, chunksize=chunk)
 
 
-def _progress(it: Iterator, total: int, desc: str) -> Iterator:
-    return progress.bar(it, total=total, desc=desc, unit="img")
-
-
 def _first_problem_error(problems: list[Problem], scan_only: bool = False) -> DataError:
     first, n = problems[0], len(problems)
     count = f"{n} problem{'s' if n != 1 else ''}" + (" found by the file scan" if scan_only else " in total")
@@ -231,7 +227,7 @@ def run(cfg: PrepareConfig, out: Path) -> dict:
         counts = np.zeros(256, dtype=np.int64)
         results = _convert_all(samples, job, ds.workers)
         try:
-            for _, res in _progress(results, len(samples), f"prepare {ds.format}/{ds.split}"):
+            for _, res in progress.bar(results, total=len(samples), desc=f"prepare {ds.format}/{ds.split}", unit="img"):
                 if isinstance(res, Problem):
                     problems.append(res)
                 else:
