@@ -385,6 +385,10 @@ class TrainDataConfig:
     horizontal flip with probability ``flip``. ``batch_size`` is the global batch (split over DDP ranks).
     ``lab_transfer``: CPSL's LAB colour transfer of every source image to the statistics of a random target
     image (spec 1.4; needs the target split prepared with lab_stats); on in the paper presets.
+    ``random_colors``: redraw the colours of every labelled training image (channel order, inversion, gain,
+    gamma, greyscale, blur, noise: ``transforms.random_colors``), so that the network learns shape and layout
+    rather than the source palette; not in the reference. The demo's source-only model trains with it and
+    initialises the warm-up, standing in for the ImageNet weights that the paper presets start from.
     """
 
     source: Path | None = None
@@ -396,6 +400,7 @@ class TrainDataConfig:
     batch_size: int = 4
     workers: int = 4
     lab_transfer: bool = False
+    random_colors: bool = False
 
     def validate(self, prefix: str = "") -> None:
         _check(len(self.crop) == 2 and all(v >= 8 for v in self.crop), _join(prefix, "crop"),

@@ -122,3 +122,15 @@ def test_lab_transfer_and_extra_views(pair_dir):  # noqa: F811
     assert not torch.equal(a["image"], b["image"])  # ... other colours
     h, w = PreparedSplit(cfg.data.source).load(0)[0].shape[:2]
     assert a["image_full"].shape == (3, h, w) and a["image_strong"].shape == a["image"].shape
+
+
+def test_random_colors_only_on_labelled_domains(pair_dir):  # noqa: F811
+    cfg = train_config(pair_dir, "warmup", **{"data.random_colors": True})
+    plain = train_config(pair_dir, "warmup")
+    spec = {"source": {"label": True}, "target": {"label": False}}
+    a, b = build_datasets(cfg, spec, 4), build_datasets(plain, spec, 4)
+    assert a["source"].random_colors and not a["target"].random_colors and not b["source"].random_colors
+    sa, sb = a["source"][(1, 5)], b["source"][(1, 5)]
+    assert torch.equal(sa["label"], sb["label"])  # same crop and flip ...
+    assert not torch.equal(sa["image"], sb["image"])  # ... redrawn colours
+    assert torch.equal(a["target"][(1, 5)]["image"], b["target"][(1, 5)]["image"])  # unlabelled: untouched

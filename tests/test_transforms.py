@@ -29,6 +29,7 @@ from cpsl.data.transforms import (
     hflip_matrix,
     lab_stats,
     lab_transfer,
+    random_colors,
     rotate_matrix,
     scale_matrix,
     strong_augment,
@@ -622,3 +623,55 @@ def test_lab_transfer_matches_direct_computation_and_target_stats():
     got = lab_stats(out)
     np.testing.assert_allclose(got[0], stats[0], atol=1.5)
     np.testing.assert_allclose(got[1], stats[1], rtol=0.1, atol=0.5)
+
+
+# --------------------------------------------------------------------------------------------- random colours
+
+
+class _ScriptedRng:
+    """Stands in for a numpy Generator with scripted draws, so each step of random_colors can be checked."""
+
+    def __init__(self, perm, randoms, uniforms):
+        self.perm, self.randoms, self.uniforms = np.asarray(perm), list(randoms), list(uniforms)
+
+    def permutation(self, n):
+        assert n == 3
+        return self.perm
+
+    def random(self):
+        return self.randoms.pop(0)
+
+    def uniform(self, low, high, size=None):
+        v = np.asarray(self.uniforms.pop(0), np.float64)
+        assert np.all((low <= v) & (v <= high)) and (size is None or v.shape == (size,))
+        return v if size is not None else float(v)
+
+    def normal(self, loc, scale, shape):
+        assert scale == 0.0
+        return np.zeros(shape)
+
+
+def test_random_colors_steps_by_hand():
+    img = np.array([[[255, 0, 51], [0, 255, 102]]], np.uint8)
+    # permutation (2, 0, 1); invert (0.3 < 0.5); gain (1.5, 0.5, 1.0), offset (0.1, 0, -0.1); gamma 2;
+    # no greyscale (0.9 >= 0.2); no blur (0.9 >= 0.5); noise std 0
+    rng = _ScriptedRng([2, 0, 1], [0.3, 0.9, 0.9], [[1.5, 0.5, 1.0], [0.1, 0.0, -0.1], 2.0, 0.0])
+    out = random_colors(img, rng)
+    # pixel 0: (1, 0, .2) -> (.2, 1, 0) -> inverted (.8, 0, 1) -> (1.3, 0, .9) -> clip (1, 0, .9) -> ^2 (1, 0, .81)
+    # pixel 1: (0, 1, .4) -> (.4, 0, 1) -> inverted (.6, 1, 0) -> (1.0, .5, -.1) -> clip (1, .5, 0) -> (1, .25, 0)
+    assert out.dtype == np.uint8 and out.shape == img.shape
+    assert out.tolist() == [[[255, 0, 207], [255, 64, 0]]]  # .81 * 255 = 206.55, .25 * 255 = 63.75
+    # greyscale: the channel mean, after the identity colour steps
+    rng = _ScriptedRng([0, 1, 2], [0.9, 0.1, 0.9], [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], 1.0, 0.0])
+    assert random_colors(np.array([[[30, 60, 90]]], np.uint8), rng).tolist() == [[[60, 60, 60]]]
+
+
+def test_random_colors_deterministic_per_generator_and_checks_input():
+    img = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    a = random_colors(img, np.random.default_rng(7))
+    assert np.array_equal(a, random_colors(img, np.random.default_rng(7)))
+    assert not np.array_equal(a, random_colors(img, np.random.default_rng(8)))
+    assert not np.array_equal(a, img) and a.shape == img.shape and a.dtype == np.uint8
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        random_colors(img.astype(np.float32), np.random.default_rng(0))
+

@@ -180,6 +180,9 @@ def test_model_init_can_name_an_earlier_stage(shipped, tmp_path):
     assert s2["model"]["init"] == str(ckpt) and s2["model"]["init_format"] == "checkpoint"
     assert W.stage_input_files(shipped, "demo", 0, "stage2")["model.init"] == ckpt   # a Snakemake input
     assert yaml.safe_load(files["demo/seed0/train_stage3"].read_text())["model"]["init"] is None
+    # the shipped demo: the source-only model trains on redrawn colours and the warm-up starts from it
+    assert yaml.safe_load(files["demo/seed0/train_source_only"].read_text())["data"]["random_colors"] is True
+    assert yaml.safe_load(files["demo/seed0/train_warmup"].read_text())["init_checkpoint"] == str(ckpt)
     stages["stage2"]["model"] = {"init": "@stage3"}
     with pytest.raises(ConfigError, match=r"^config: experiment_settings\.demo\.stages\.stage2\.model\.init: "
                                           r"'@stage3' must name an earlier stage \(@source_only, @warmup, "
@@ -189,6 +192,7 @@ def test_model_init_can_name_an_earlier_stage(shipped, tmp_path):
     with pytest.raises(ConfigError, match=r"stages\.stage2\.model\.init_format: must be 'checkpoint'"):
         W.step_config_files(shipped)
     stages["stage2"]["model"] = {"init": "@source_only"}
+    del stages["warmup"]["init_checkpoint"]  # the shipped warm-up needs source_only too
     del stages["source_only"]
     with pytest.raises(ConfigError, match=r"stages\.stage2: needs stage 'source_only' \(for model\.init\)"):
         W.step_config_files(shipped)

@@ -1,6 +1,6 @@
 """Training-time image transforms with recorded parameters, and the maps that replay them.
 
-Three families live here:
+Four families live here:
 
 * **Weak** augmentation (spec §1.5): RandomSized -> RandomCrop -> horizontal flip. ``weak_augment`` returns the
   augmented image/label and a ``WeakParams`` record; ``full_to_weak`` / ``full_to_weak_batch`` (the reference's
@@ -22,6 +22,10 @@ Three families live here:
   *same* composed matrix, the same single resampling and the same pixel convention.
 * **LAB colour transfer** (spec §1.4): ``lab_transfer`` matches each Lab channel's mean/std to precomputed target
   statistics (``lab_stats``), with cv2 in float32.
+* **Random colours** (not in the reference; ``data.random_colors``): ``random_colors`` redraws an image's colours
+  (channel order, inversion, gain, offset, gamma, greyscale, blur, noise) so that a network trained on it has to
+  rely on shape and layout. The demo's source-only model trains with it and starts the warm-up, as a stand-in
+  for the ImageNet initialisation that the paper presets load.
 
 Coordinate convention (shared by every function here; the training code must follow it):
 
@@ -898,3 +902,28 @@ def lab_transfer(
     lab = lab * gain + offset
     rgb = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB)
     return np.clip(rgb * 255.0, 0, 255).astype(np.uint8)
+
+
+def random_colors(img_uint8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Redraw the colours of an (H, W, 3) uint8 image; geometry unchanged, so its label stays valid.
+
+    In this order, each drawn from ``rng``: a random permutation of the channels; inversion (``1 - x``) with
+    probability 0.5; per channel ``x * gain + offset`` with gain ~ U(0.4, 1.6) and offset ~ U(-0.3, 0.3) (x in
+    [0, 1]), clipped; ``x ** gamma`` with gamma ~ U(0.5, 2); greyscale (channel mean) with probability 0.2;
+    a Gaussian blur with sigma ~ U(0.3, 1.2) with probability 0.5; Gaussian noise of std ~ U(0, 0.05). Returns a
+    new uint8 image (rounded).
+    """
+    if img_uint8.dtype != np.uint8 or img_uint8.ndim != 3 or img_uint8.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {img_uint8.dtype} {img_uint8.shape}")
+    x = img_uint8.astype(np.float32) / 255.0
+    x = x[..., rng.permutation(3)]
+    if rng.random() < 0.5:
+        x = 1.0 - x
+    x = x * rng.uniform(0.4, 1.6, 3) + rng.uniform(-0.3, 0.3, 3)
+    x = np.clip(x, 0, 1) ** rng.uniform(0.5, 2.0)
+    if rng.random() < 0.2:
+        x[:] = x.mean(-1, keepdims=True)
+    if rng.random() < 0.5:
+        x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.3, 1.2))
+    x = x + rng.normal(0, rng.uniform(0, 0.05), x.shape).astype(np.float32)
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)

@@ -37,7 +37,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cpsl.data.prepared import PreparedSplit
-from cpsl.data.transforms import StrongConfig, WeakConfig, WeakParams, lab_transfer, strong_augment, weak_augment
+from cpsl.data.transforms import (StrongConfig, WeakConfig, WeakParams, lab_transfer, random_colors, strong_augment,
+                                  weak_augment)
 from cpsl.errors import ConfigError, DataError
 from cpsl.inference import image_to_tensor  # the one normalisation: RGB / 255, no mean/std
 from cpsl.train.dist import worker_init_fn
@@ -103,13 +104,14 @@ class TrainDataset(Dataset):
     ``views``: "weak" (always), "strong" (adds ``image_strong`` + ``strong_params``), "full" (adds the
     unaugmented ``image_full``). ``label``: include the weak-augmented label. ``lab_stats``: (N, 2, 3) Lab
     mean/std of reference images; when given, each image is first colour-transferred to a random row
-    (CPSL's GTA5 -> Cityscapes LAB transfer, spec 1.4). ``extras(index, weak_params, rng)`` may return more
+    (CPSL's GTA5 -> Cityscapes LAB transfer, spec 1.4). ``random_colors``: then redraw the image's colours
+    (``transforms.random_colors``, from the sample's generator). ``extras(index, weak_params, rng)`` may return more
     entries (e.g. pseudo labels carried into the weak crop) for later stages.
     """
 
     def __init__(self, split: PreparedSplit | str | Path, weak: WeakConfig, *, label: bool = True,
                  views: Sequence[str] = ("weak",), strong: StrongConfig | None = None,
-                 lab_stats: np.ndarray | None = None,
+                 lab_stats: np.ndarray | None = None, random_colors: bool = False,
                  extras: Callable[[int, WeakParams, np.random.Generator], dict[str, Any]] | None = None) -> None:
         unknown = [v for v in views if v not in VIEWS]
         if unknown:
@@ -118,6 +120,7 @@ class TrainDataset(Dataset):
         self.weak, self.label, self.views = weak, label, tuple(views)
         self.strong = strong if strong is not None else StrongConfig()
         self.lab_stats = None if lab_stats is None else np.asarray(lab_stats, np.float32)
+        self.random_colors = random_colors
         self.extras = extras
 
     def __len__(self) -> int:
@@ -131,6 +134,8 @@ class TrainDataset(Dataset):
         if self.lab_stats is not None:
             j = int(rng.integers(len(self.lab_stats)))
             image = lab_transfer(image, self.lab_stats[j, 0], self.lab_stats[j, 1])
+        if self.random_colors:
+            image = random_colors(image, rng)
         crop, crop_label, params = weak_augment(image, label if self.label else None, py, self.weak)
         sample: dict[str, Any] = {"image": image_to_tensor(crop), "index": int(index),
                                   "name": self.split.names[index], "weak_params": params.as_dict()}
@@ -171,7 +176,8 @@ def build_datasets(cfg: Any, domains: dict[str, dict[str, Any]], n_class: int) -
     """One TrainDataset per domain the method asks for (``{"source": {...}, "target": {...}}``).
 
     The dict values are TrainDataset keyword arguments (``label``, ``views``, ``extras``...). The source
-    gets the LAB colour transfer to the target's statistics when ``data.lab_transfer`` is on.
+    gets the LAB colour transfer to the target's statistics when ``data.lab_transfer`` is on; every labelled
+    domain gets ``random_colors`` when ``data.random_colors`` is on (after the LAB transfer).
     """
     weak = weak_config(cfg.data)
     splits: dict[str, PreparedSplit] = {}
@@ -195,6 +201,8 @@ def build_datasets(cfg: Any, domains: dict[str, dict[str, Any]], n_class: int) -
                 raise DataError(f"{splits['target'].root}: data.lab_transfer needs lab_stats.npy (prepare the "
                                 "target split with lab_stats: true)")
             kwargs.setdefault("lab_stats", stats)
+        if cfg.data.random_colors and kwargs.get("label", True):
+            kwargs.setdefault("random_colors", True)
         out[domain] = TrainDataset(splits[domain], weak, **kwargs)
     return out
 
