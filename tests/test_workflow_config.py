@@ -235,12 +235,15 @@ def test_chain_priorities_count_the_stages_waiting_on_each_one(shipped):
     def priorities():
         return {s: W.chain_priority(shipped, "demo", s) for s in W.STAGES}
     stages = shipped["experiment_settings"]["demo"]["stages"]
-    # the shipped demo: the static chain below, plus the stage-2 student starting from the stage-1 model (an edge
-    # that the teacher already makes)
-    assert stages["stage2"]["init_checkpoint"] == "@stage1"
-    assert priorities() == {"source_only": 0, "warmup": 30, "oracle": 0, "stage1": 20, "stage2": 10, "stage3": 0}
-    # a stage-2 student from the source-only backbone: stages 2 and 3 wait on source_only
+    # the shipped demo: the static chain below, plus the warm-up starting from the source-only model (so all four
+    # later stages wait on source_only) and the stage-2 student starting from the stage-1 model (an edge that the
+    # teacher already makes)
+    assert stages["warmup"]["init_checkpoint"] == "@source_only" and stages["stage2"]["init_checkpoint"] == "@stage1"
+    assert priorities() == {"source_only": 40, "warmup": 30, "oracle": 0, "stage1": 20, "stage2": 10, "stage3": 0}
+    # a stage-2 student from the source-only backbone: stages 2 and 3 wait on source_only, as they already did
     stages["stage2"]["model"] = {"init": "@source_only"}
+    assert priorities() == {"source_only": 40, "warmup": 30, "oracle": 0, "stage1": 20, "stage2": 10, "stage3": 0}
+    stages["warmup"].pop("init_checkpoint")
     assert priorities() == {"source_only": 20, "warmup": 30, "oracle": 0, "stage1": 20, "stage2": 10, "stage3": 0}
     for stage in stages.values():
         stage.get("model", {}).pop("init", None)

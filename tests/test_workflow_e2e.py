@@ -120,9 +120,10 @@ def test_nothing_left_to_do_after_a_complete_run(demo_run):
     "stage, key, value, expected",
     [
         ("oracle", "max_iters", 4, {"train": 1, "evaluate": 1, "collect": 1, "all": 1, "total": 4}),
-        # source_only, and stage 2 whose student starts from it ("@source_only"), with stage 3 after it
-        ("source_only", "max_iters", 4, {"train": 3, "stage_product": 1, "evaluate": 3, "evaluate_split": 1,
-                                         "collect": 1, "all": 1, "total": 10}),
+        # source_only and the whole adapted chain: the shipped warm-up starts from it ("@source_only"), so the
+        # warm-up's products, stages 1-3 and stage 1-2's hard labels follow (TINY's stage-2 backbone is from it too)
+        ("source_only", "max_iters", 4, {"train": 5, "stage_product": 5, "evaluate": 5, "evaluate_split": 1,
+                                         "collect": 1, "all": 1, "total": 18}),
         # stage 1 and everything downstream of it (its hard labels, stages 2-3, their evaluations), nothing
         # upstream (no synth, prepare, warm-up or warm-up products)
         ("stage1", "selflabel", {"pixels_per_image": 16, "queue_length": 64, "sl_weight": 0.2},
