@@ -179,7 +179,10 @@ def test_model_init_can_name_an_earlier_stage(shipped, tmp_path):
     ckpt = res / "demo/seed0/source_only/checkpoint.pt"
     assert s2["model"]["init"] == str(ckpt) and s2["model"]["init_format"] == "checkpoint"
     assert W.stage_input_files(shipped, "demo", 0, "stage2")["model.init"] == ckpt   # a Snakemake input
-    assert yaml.safe_load(files["demo/seed0/train_stage3"].read_text())["model"]["init"] is None
+    s3 = yaml.safe_load(files["demo/seed0/train_stage3"].read_text())
+    assert s3["model"]["init"] is None
+    # the shipped demo's stage 3: its own hard labels at 0.8, pseudo-label CE and KD on the full crop, lr 0.01
+    assert (s3["distill"]["threshold"], s3["distill"]["label_stride"], s3["optim"]["lr"]) == (0.8, 1, 0.01)
     # the shipped demo: the source-only model trains on redrawn colours and the warm-up starts from it
     assert yaml.safe_load(files["demo/seed0/train_source_only"].read_text())["data"]["random_colors"] is True
     assert yaml.safe_load(files["demo/seed0/train_warmup"].read_text())["init_checkpoint"] == str(ckpt)
