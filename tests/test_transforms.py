@@ -674,4 +674,3 @@ def test_random_colors_deterministic_per_generator_and_checks_input():
     assert not np.array_equal(a, img) and a.shape == img.shape and a.dtype == np.uint8
     with pytest.raises(ValueError, match="uint8 RGB"):
         random_colors(img.astype(np.float32), np.random.default_rng(0))
-
