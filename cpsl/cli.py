@@ -30,6 +30,9 @@ class Step:
     # prefix of the recorded config/run_info files: a step that writes into another step's directory
     # (evaluate into a stage's folder) must not overwrite that step's record
     record_as: str = ""
+    # the step builds its whole --out in a staging folder and replaces the previous one (cpsl.outputs); else it
+    # writes its files into --out
+    replaces_out: bool = True
 
 
 STEPS: tuple[Step, ...] = (
@@ -38,7 +41,7 @@ STEPS: tuple[Step, ...] = (
     Step("prepare", "scan a dataset, check it, convert labels to train ids, write lists and class counts",
          "PrepareConfig", "cpsl.steps.prepare:run"),
     Step("import-checkpoint", "convert a released reference CPSL .pkl checkpoint into our format",
-         "ImportCheckpointConfig", "cpsl.steps.import_checkpoint:run"),
+         "ImportCheckpointConfig", "cpsl.steps.import_checkpoint:run", replaces_out=False),
     Step("pseudo-soft", "soft pseudo labels (quantised class probabilities at output resolution) of a split",
          "PseudoSoftConfig", "cpsl.steps.pseudo_soft:run"),
     Step("prototypes", "initial class prototypes: class-mean features of the model's own predictions",
@@ -48,11 +51,11 @@ STEPS: tuple[Step, ...] = (
     Step("pseudo-hard", "hard pseudo labels (flip-averaged argmax and confidence) of a split",
          "PseudoHardConfig", "cpsl.steps.pseudo_hard:run"),
     Step("evaluate", "mIoU of a checkpoint on a prepared split; writes metrics.json",
-         "EvaluateConfig", "cpsl.steps.evaluate:run", record_as="evaluate_"),
+         "EvaluateConfig", "cpsl.steps.evaluate:run", record_as="evaluate_", replaces_out=False),
     Step("collect", "results table (summary.csv, summary.md) and plots from every stage's metrics.json",
-         "CollectConfig", "cpsl.steps.collect:run", record_as="collect_"),
+         "CollectConfig", "cpsl.steps.collect:run", record_as="collect_", replaces_out=False),
     Step("train", "train one stage (source_only, warmup, oracle; the stage is in the config); resumes after a kill",
-         "TrainConfig", "cpsl.steps.train:run"),
+         "TrainConfig", "cpsl.steps.train:run", replaces_out=False),
 )
 
 
@@ -74,13 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_step(step: Step, config_path: Path, out: Path, stage: str | None = None) -> None:
-    from cpsl import provenance
+    from cpsl import outputs, provenance
 
     cfg = C.load_file(getattr(C, step.config_cls), config_path)
     if stage is not None and getattr(cfg, "stage", stage) != stage:
         raise C.ConfigError(f"{config_path}: stage: the config says {cfg.stage!r} but --stage is {stage!r}")
     module, func = step.function.split(":")
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes files
+    # --out must be the step's own folder (never a user's folder, a file or an input): checked before anything runs
+    outputs.check_out(out, step.name, replaces=step.replaces_out, inputs=outputs.input_paths(cfg))
+    if main_rank and not step.replaces_out:
+        outputs.claim_dir(out, step.name)
     if main_rank:
         provenance.remove_stale_temps(out)  # temp files of atomic writes by a killed run of this step
     getattr(importlib.import_module(module), func)(cfg, out)

@@ -35,11 +35,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from cpsl import progress
 from cpsl.config import InferenceSettings, ModelConfig
-from cpsl.data.common import publish_dir, read_image, remove_path, remove_stale_staging
+from cpsl.data.common import read_image
 from cpsl.data.prepared import PreparedSplit
 from cpsl.errors import CheckpointError, ConfigError, DataError
 from cpsl.models import build_model
 from cpsl.models.checkpoint import checkpoint_model_config, load_checkpoint, load_model_state
+from cpsl.outputs import publish_dir, remove_path, remove_stale_staging
 from cpsl.provenance import atomic_write_text
 from cpsl.train import dist as D
 
@@ -159,8 +160,9 @@ def _broadcast_str(value: str, info: D.DistInfo) -> str:
 
 
 @contextlib.contextmanager
-def staged_dir(out: str | Path, info: D.DistInfo) -> Iterator[Path]:
-    """A hidden folder next to ``out`` that all ranks write into; renamed to ``out`` (replacing it) on success.
+def staged_dir(out: str | Path, info: D.DistInfo, step: str) -> Iterator[Path]:
+    """A hidden folder next to ``out`` that all ranks write into; renamed to ``out`` (replacing an earlier ``out``
+    of the same ``step`` only: ``cpsl.outputs.publish_dir``) on success.
 
     On an error the folder is removed (by rank 0) and ``out`` is left as it was; the folder of a run that was
     killed (no cleanup code runs) is removed by the next run.
@@ -178,7 +180,7 @@ def staged_dir(out: str | Path, info: D.DistInfo) -> Iterator[Path]:
         yield tmp
         D.barrier()
         if info.is_main:
-            publish_dir(tmp, out)
+            publish_dir(tmp, out, step)
         D.barrier()
     except BaseException:
         if info.is_main:

@@ -37,6 +37,27 @@ def temp_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}-"
 
 
+_UMASK: int | None = None
+
+
+def new_file_mode() -> int:
+    """The mode a newly created file gets under this process's umask (0o666 & ~umask)."""
+    global _UMASK
+    if _UMASK is None:
+        current = os.umask(0o022)  # reading the umask means setting it: put it back at once
+        os.umask(current)
+        _UMASK = current
+    return 0o666 & ~_UMASK
+
+
+def fix_temp_mode(fd: int) -> None:
+    """Give a ``tempfile.mkstemp`` file (created 0600) the mode a plain ``open`` would have given it."""
+    try:
+        os.fchmod(fd, new_file_mode())
+    except OSError:
+        pass
+
+
 _TEMP_FILE = re.compile(r"\..+\.(\d+)-\w+\.tmp")
 
 
@@ -74,6 +95,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path), suffix=".tmp")
+    fix_temp_mode(fd)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)

@@ -10,6 +10,7 @@ setting reruns exactly the steps that read it, and what depends on them, nothing
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -92,13 +93,42 @@ def selected_experiments(config: dict) -> list[str]:
 
 
 def results_dir(config: dict) -> Path:
-    """``results_dir``; any folder name works (the rules quote every path they hand to the shell) except one
-    with braces, which Snakemake would read as wildcards in every output path."""
-    value = str(config.get("results_dir", "results"))
+    """``results_dir`` (``~`` expanded); any folder name works (the rules quote every path they hand to the
+    shell) except one with braces, which Snakemake would read as wildcards in every output path."""
+    value = os.path.expanduser(str(config.get("results_dir", "results")))
     if "{" in value or "}" in value:
         raise ConfigError(f"config: results_dir: {value!r} contains '{{' or '}}', which Snakemake reads as a "
                           "wildcard; choose another folder")
     return Path(value)
+
+
+def claim_results_dir(config: dict) -> Path:
+    """Create ``results_dir`` (or adopt it) as the workflow's own folder before anything is written into it.
+
+    A new or empty folder gets the ownership marker (``cpsl.outputs``); so does one that an earlier version of
+    the workflow wrote (it holds ``<experiment>/configs/`` of a selected experiment or a collect record). Any other
+    existing folder, a file, or a folder we cannot write to stops the workflow with one line naming it.
+    """
+    from cpsl import outputs
+
+    rd = results_dir(config)
+    key = f"config: results_dir: {rd}"
+    if rd.exists() and not rd.is_dir():
+        raise ConfigError(f"{key}: is a file, not a folder; choose another results_dir")
+    if rd.is_dir() and not outputs.owner_steps(rd) and any(rd.iterdir()):
+        legacy = any((rd / exp / "configs").is_dir() for exp in selected_experiments(config))
+        if not legacy:
+            raise ConfigError(f"{key}: folder exists, is not empty and was not made by cpsl-pipeline (no "
+                              f"{outputs.MARKER} in it); choose a new or empty folder, so that no file of yours "
+                              "is overwritten")
+    try:
+        rd.mkdir(parents=True, exist_ok=True)
+        if outputs.WORKFLOW not in outputs.owner_steps(rd):
+            outputs.write_marker(rd, outputs.WORKFLOW)
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot write there ({err.strerror or err}); choose a folder you can "
+                          "write to") from None
+    return rd
 
 
 def seeds(config: dict, exp: str) -> list[int]:
@@ -148,8 +178,10 @@ def prepare_config(config: dict, exp: str, role: str) -> dict:
         if not has_synth(config, exp):
             raise ConfigError(f"config: {key}.root: {root!r} needs a `synth` section in experiment {exp!r}")
         raw["root"] = str(synth_dir(config, exp) / root[len(SYNTH_PREFIX):].lstrip("/"))
-    elif not Path(root).is_dir():
-        raise ConfigError(f"config: {key}.root: dataset root {root!r} does not exist or is not a directory")
+    else:
+        raw["root"] = root = os.path.expanduser(root)  # as the CLI does; the resolved config says where it read
+        if not Path(root).is_dir():
+            raise ConfigError(f"config: {key}.root: dataset root {root!r} does not exist or is not a directory")
     cfg = C.load(C.PrepareConfig, {"dataset": raw}, key[: -len(f".datasets.{role}")])
     return C.to_dict(cfg)
 
@@ -385,6 +417,7 @@ def step_config_files(config: dict) -> dict[str, Path]:
 
     Raises ConfigError naming the key for anything wrong, so the workflow stops before running a job.
     """
+    claim_results_dir(config)
     files: dict[str, Path] = {}
     for exp in selected_experiments(config):
         cdir = results_dir(config) / exp / "configs"

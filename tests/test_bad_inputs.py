@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cpsl import outputs
 from cpsl.config import ModelConfig
 from cpsl.data.prepared import PreparedSplit
 from cpsl.methods import source_only
@@ -432,6 +433,8 @@ def _infer(ctx: Ctx, step: str, checkpoint: Path | None = None, data: Path | Non
     ctx.config({"checkpoint": str(checkpoint or ctx.env["ck19"]), "data": str(data or ctx.env["split19"]),
                 "device": "cpu", "workers": 0, "progress": False, **over})
     ctx.previous("evaluate" if step == "evaluate" else "labels")
+    # made by the step (evaluate writes into a training stage's folder): a step may write there
+    outputs.write_marker(ctx.out, "train" if step == "evaluate" else step)
 
 
 @case("evaluate-checkpoint-with-other-class-count", "evaluate")

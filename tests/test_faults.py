@@ -38,6 +38,7 @@ import pytest
 import torch
 import yaml
 
+from cpsl import outputs as cpsl_outputs
 from cpsl.data import pseudo
 from cpsl.data.common import read_png_unchanged
 from cpsl.models import checkpoint as ckpt_module
@@ -283,8 +284,10 @@ def infer_refs(tmp_path_factory, one_thread_module):
 
 
 def _stage(out: Path) -> Path:
-    """A stage folder holding its checkpoint.pt (evaluate writes next to it), as in the workflow."""
+    """A stage folder holding its checkpoint.pt (evaluate writes next to it), made by training as in the
+    workflow."""
     out.mkdir(parents=True, exist_ok=True)
+    cpsl_outputs.write_marker(out, "train")
     return out / "checkpoint.pt"
 
 

@@ -299,8 +299,8 @@ def test_cli_runs_steps_and_reports_one_line_errors(tiny, tmp_path, capsys):
     cfg.write_text(yaml.safe_dump({"checkpoint": str(ckpt), "data": str(data), "device": "cpu", "workers": 0,
                                    "progress": False}))
     assert cli.main(["class-dist", "--config", str(cfg), "--out", str(tmp_path / "cd")]) == 0
-    assert sorted(os.listdir(tmp_path / "cd")) == ["class_distribution.json", "class_distribution.npy",
-                                                   "config.yaml", "run_info.json"]
+    assert sorted(os.listdir(tmp_path / "cd")) == [".cpsl-output.json", "class_distribution.json",
+                                                   "class_distribution.npy", "config.yaml", "run_info.json"]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"checkpoint": str(tmp_path / "gone.pt"), "data": str(data)}))
     capsys.readouterr()

@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from cpsl.config import DatasetConfig, PrepareConfig, SynthConfig
+from cpsl import outputs
 from cpsl.data import synth
+from cpsl.errors import DataError
 from cpsl.labels import CITYSCAPES_KNOWN_IDS, CLASSES_19, NAME_TO_LABEL_ID
 
 SMALL = dict(height=64, width=128, n_source=12, n_source_val=3, n_target_train=8, n_target_val=6)
@@ -45,14 +47,26 @@ def test_other_seed_differs(small_pair, tmp_path):
     assert len(differing) == sum(k.endswith(".png") for k in a)  # ... every image and label differs
 
 
-def test_generate_replaces_existing_output_and_leaves_no_temp(small_pair, tmp_path):
+def test_generate_replaces_its_own_output_and_leaves_no_temp(small_pair, tmp_path):
     out = tmp_path / "pair"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    outputs.write_marker(out, "synth")  # an earlier synth output
     synth.generate(SynthConfig(seed=3, workers=1, **SMALL), out)
     assert not (out / "stale.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pair"]
     assert _tree_hashes(out) == _tree_hashes(small_pair[0])
+
+
+def test_generate_refuses_a_folder_it_did_not_make(tmp_path):
+    out = tmp_path / "pair"
+    out.mkdir()
+    (out / "mine.txt").write_text("a user's file")
+    with pytest.raises(DataError, match=r"pair: folder exists and was not written by cpsl synth \(no "
+                                        r"\.cpsl-output\.json in it\)"):
+        synth.generate(SynthConfig(seed=3, workers=1, **SMALL), out)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "a user's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pair"]  # no staging folder left
 
 
 def test_gta5_layout(small_pair):

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from cpsl.errors import DataError
-from cpsl.provenance import pid_running, temp_prefix
+from cpsl.provenance import fix_temp_mode, temp_prefix
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -171,6 +169,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+    fix_temp_mode(fd)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -181,47 +180,6 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-
-
-def remove_path(path: Path) -> None:
-    """Delete a file, link or folder tree if it exists (a leftover temp output)."""
-    path = Path(path)
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def remove_stale_staging(out: Path) -> None:
-    """Delete the staging folders ``.<name>.tmp-<pid>`` (and ``.<name>.old-<pid>`` of ``publish_dir``) that runs
-    killed before their cleanup (SIGKILL, a time limit) left next to ``out``; those of running processes stay."""
-    out = Path(out)
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:tmp|old)-(\d+)")
-    try:
-        entries = list(out.parent.iterdir())
-    except OSError:
-        return
-    for path in entries:
-        m = pattern.fullmatch(path.name)
-        if m and not pid_running(int(m.group(1))):
-            remove_path(path)
-
-
-def publish_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temp folder ``tmp`` to ``out`` (same parent folder), replacing an old ``out`` only now.
-
-    Steps that write a folder build it under a hidden temp name and publish it at the end, so an interrupted
-    step leaves neither a partial ``out`` nor a damaged previous one.
-    """
-    tmp, out = Path(tmp), Path(out)
-    if out.exists() or out.is_symlink():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        remove_path(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        remove_path(old)
-    else:
-        os.replace(tmp, out)
 
 
 def pair_by_name(

@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from cpsl.config import SynthConfig
-from cpsl.data.common import publish_dir, remove_stale_staging
+from cpsl.outputs import publish_dir, remove_stale_staging
 from cpsl.labels import CITYSCAPES_LABELS, CLASSES_19, NAME_TO_LABEL_ID
 
 SOURCE, TARGET = 0, 1
@@ -983,7 +983,7 @@ def generate(cfg: SynthConfig, out: Path) -> dict:
                     d = tmp / "cityscapes" / kind / split / city
                     if not any(d.iterdir()):
                         d.rmdir()
-        publish_dir(tmp, out)
+        publish_dir(tmp, out, "synth")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -40,7 +40,7 @@ from torch import nn
 import cpsl
 from cpsl.config import ModelConfig, load, to_dict
 from cpsl.errors import CheckpointError, ConfigError
-from cpsl.provenance import remove_stale_temps, temp_prefix
+from cpsl.provenance import fix_temp_mode, remove_stale_temps, temp_prefix
 
 FORMAT = "cpsl-checkpoint"
 FORMAT_VERSION = 1
@@ -115,6 +115,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent)  # a half-written checkpoint of a killed run
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
+    fix_temp_mode(fd)
     try:
         with os.fdopen(fd, "wb") as fh:
             sink = _Sink(fh)

@@ -50,7 +50,7 @@ def run(cfg: ClassDistConfig, out: Path) -> dict:
             "checkpoint": str(Path(cfg.checkpoint).absolute()),
             "iteration": int(setup.checkpoint.get("iteration", 0)), "data": str(setup.split.root),
         }
-        with inference.staged_dir(out, info) as tmp:
+        with inference.staged_dir(out, info, "class-dist") as tmp:
             if info.is_main:
                 buf = io.BytesIO()
                 np.save(buf, dist)

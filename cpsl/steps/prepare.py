@@ -32,9 +32,9 @@ import cpsl
 from cpsl import labels, progress
 from cpsl.config import PrepareConfig
 from cpsl.data import get_format
-from cpsl.data.common import (Problem, Sample, publish_dir, read_image, remove_path, remove_stale_staging,
-                               write_label_png)
+from cpsl.data.common import Problem, Sample, read_image, write_label_png
 from cpsl.errors import DataError
+from cpsl.outputs import publish_dir, remove_path, remove_stale_staging
 
 MAX_LISTED_ON_STDERR = 50
 
@@ -244,7 +244,7 @@ def run(cfg: PrepareConfig, out: Path) -> dict:
                 f"({len(problems)} skipped{first}) (dataset.root)"
             )
         meta = _write_outputs(tmp, kept, counts, problems, class_names, root, cfg)
-        publish_dir(tmp, out)
+        publish_dir(tmp, out, "prepare")
     except BaseException:
         remove_path(tmp)
         raise

@@ -137,7 +137,7 @@ def run(cfg: PrototypesConfig, out: Path) -> dict:
             "checkpoint": str(Path(cfg.checkpoint).absolute()),
             "iteration": int(setup.checkpoint.get("iteration", 0)), "data": str(setup.split.root),
         }
-        with inference.staged_dir(out, info) as tmp:
+        with inference.staged_dir(out, info, "prototypes") as tmp:
             if info.is_main:
                 torch.save({"prototypes": protos.contiguous(), "counts": counts.to(torch.int64),
                             "pixel_counts": pixel_counts.cpu(), "image_counts": image_counts.cpu(),

@@ -41,7 +41,7 @@ def run(cfg: PseudoHardConfig, out: Path) -> dict:
     with inference.session(cfg.device) as info:
         setup = inference.prepare_run(cfg, info)
         classes = tuple(setup.split.classes)
-        with inference.staged_dir(out, info) as tmp:
+        with inference.staged_dir(out, info, "pseudo-hard") as tmp:
             with inference.BackgroundWriter() as writer:
                 for batch in inference.iter_batches(setup.split, setup.indices, cfg, info.device, "pseudo-hard",
                                                     show_progress=info.is_main):

@@ -37,7 +37,7 @@ def run(cfg: PseudoSoftConfig, out: Path) -> dict:
     with inference.session(cfg.device) as info:
         setup = inference.prepare_run(cfg, info)
         shapes: dict[str, int] = {}
-        with inference.staged_dir(out, info) as tmp:
+        with inference.staged_dir(out, info, "pseudo-soft") as tmp:
             with inference.BackgroundWriter() as writer:
                 for batch in inference.iter_batches(setup.split, setup.indices, cfg, info.device, "pseudo-soft",
                                                     show_progress=info.is_main):
