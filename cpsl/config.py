@@ -179,15 +179,22 @@ class DatasetConfig:
     # Optional [height, width] every image must have (after any fixed resize of the format).
     expected_size: list[int] | None = None
     workers: int = 2
+    # false: an unlabelled split (real target images usually have no annotations): images only, no labels are
+    # read. It serves the warm-up, the pseudo labels and stages 1-3; it cannot be evaluated on, nor train the oracle.
+    labels: bool = True
+    # 16-bit images (microscopy, remote sensing) become 8-bit as value * 255 / (2**image_bits - 1), clipped; the
+    # rule and the bits the data actually use are recorded in meta.json (a warning when they use fewer).
+    image_bits: int = 16
 
     def validate(self, prefix: str = "") -> None:
         _check(self.n_class in (19, 16, 13) or self.format == "folder", _join(prefix, "n_class"),
                f"must be 19, 16 or 13 for format {self.format!r} (got {self.n_class})")
-        _check(1 <= self.n_class <= 254, _join(prefix, "n_class"), f"must be in 1..254 (got {self.n_class})")
+        _check(1 <= self.n_class <= 255, _join(prefix, "n_class"), f"must be in 1..255 (got {self.n_class})")
         if self.expected_size is not None:
             _check(len(self.expected_size) == 2 and all(v > 0 for v in self.expected_size),
                    _join(prefix, "expected_size"), f"must be [height, width] > 0 (got {self.expected_size})")
         _check(self.workers >= 0, _join(prefix, "workers"), f"must be >= 0 (got {self.workers})")
+        _check(8 <= self.image_bits <= 16, _join(prefix, "image_bits"), f"must be in 8..16 (got {self.image_bits})")
 
 
 @dataclass
@@ -220,6 +227,10 @@ class SynthConfig:
         _check(self.workers >= 0, _join(prefix, "workers"), f"must be >= 0 (got {self.workers})")
 
 
+RANDOM_INIT = "random"             # ``model.init: random``: random initial weights, said explicitly
+LARGE_BACKBONES = ("resnet101", "resnet50")
+
+
 @dataclass
 class ModelConfig:
     """The segmentation network (DeepLab-v2 + CPSL ASPP head) and its initial weights.
@@ -229,6 +240,9 @@ class ModelConfig:
     (``init_format: simclr``, ``{'state_dict': {...}}`` with torchvision names, pretrained_models/r101_1x_sk0.pth)
     or one of our own ``checkpoint.pt`` files, whose weights are taken without the classifier
     (``init_format: checkpoint``; in the workflow, ``init: "@<stage>"`` names that stage's final checkpoint).
+    ``init: random`` starts from random weights on purpose: a training stage with an ImageNet-scale backbone
+    (``resnet101``, ``resnet50``) and neither ``init`` nor ``init_checkpoint`` is refused, since 90,000
+    iterations from random weights is almost never what was meant.
     """
 
     backbone: Literal["resnet101", "resnet50", "resnet18"] = "resnet101"
@@ -242,8 +256,13 @@ class ModelConfig:
     dropout: float = 0.1          # Dropout2d before the classifier (the features are taken after it)
     sync_bn: bool = True          # under DDP, convert BatchNorm to SyncBatchNorm (no effect otherwise)
 
+    @property
+    def init_file(self) -> Path | None:
+        """The file of initial weights (None for random weights: ``init`` unset or ``random``)."""
+        return None if self.init is None or str(self.init) == RANDOM_INIT else self.init
+
     def validate(self, prefix: str = "") -> None:
-        _check(1 <= self.n_class <= 254, _join(prefix, "n_class"), f"must be in 1..254 (got {self.n_class})")
+        _check(1 <= self.n_class <= 255, _join(prefix, "n_class"), f"must be in 1..255 (got {self.n_class})")
         _check(self.base_width >= 1, _join(prefix, "base_width"), f"must be >= 1 (got {self.base_width})")
         _check(self.head_channels >= 4, _join(prefix, "head_channels"), f"must be >= 4 (got {self.head_channels})")
         _check(len(self.aspp_dilations) >= 1 and all(d >= 1 for d in self.aspp_dilations),
@@ -266,7 +285,7 @@ class ImportCheckpointConfig:
 
     def validate(self, prefix: str = "") -> None:
         if self.n_class is not None:
-            _check(1 <= self.n_class <= 254, _join(prefix, "n_class"), f"must be in 1..254 (got {self.n_class})")
+            _check(1 <= self.n_class <= 255, _join(prefix, "n_class"), f"must be in 1..255 (got {self.n_class})")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -600,6 +619,28 @@ class TrainConfig:
         if self.data.lab_transfer:
             _check(needs_source and self.data.target is not None, _join(prefix, "data.lab_transfer"),
                    "needs data.source and data.target (the target's lab_stats are the colour references)")
+        _check(self.model.backbone not in LARGE_BACKBONES or self.model.init is not None
+               or self.init_checkpoint is not None, _join(prefix, "model.init"),
+               f"not set for a {self.model.backbone} (the paper's network): the stage would train "
+               f"{self.max_iters} iterations from random weights. Set it to the ImageNet weights (torchvision's "
+               f"resnet101-5d3b4d8f.pth, see the README) or write `init: {RANDOM_INIT}` to mean it")
+        if self.stage == "stage1":
+            self._check_sample_grid(prefix)
+
+    def _check_sample_grid(self, prefix: str) -> None:
+        """Stage 1 samples ``pixels_per_image`` pixels per image from the crop's quarter grid (default) or, with
+        ``reference_queue_labels``, from the student's output grid (stride 8): there must be that many."""
+        from cpsl.models.deeplabv2 import output_size
+
+        h, w = self.data.crop
+        if self.selflabel.reference_queue_labels:
+            grid, what = (output_size(h), output_size(w)), "the student's output grid (crop / 8)"
+        else:
+            grid, what = (h // 4, w // 4), "the label grid (crop / 4)"
+        n = self.selflabel.pixels_per_image
+        _check(n <= grid[0] * grid[1], _join(prefix, "selflabel.pixels_per_image"),
+               f"{n} is more than the {grid[0] * grid[1]} pixels of {what}, {grid[0]}x{grid[1]} for data.crop "
+               f"{list(self.data.crop)}; lower selflabel.pixels_per_image or enlarge data.crop")
 
 
 @dataclass
@@ -608,3 +649,4 @@ class CollectConfig:
 
     metrics: list[Path] = field(default_factory=list)
     plots: bool = True
+    notes: list[str] = field(default_factory=list)   # lines added under the tables (e.g. a stage left out)

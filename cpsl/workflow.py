@@ -18,7 +18,7 @@ import jsonschema
 import yaml
 
 from cpsl import config as C
-from cpsl.errors import ConfigError
+from cpsl.errors import ConfigError, CpslError
 from cpsl.provenance import dump_yaml, write_if_changed
 
 SYNTH_PREFIX = "@synth"
@@ -221,9 +221,73 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def labelled(config: dict, exp: str, role: str) -> bool:
+    """Whether the dataset ``role`` of ``exp`` has labels (``labels: false`` marks an unlabelled split)."""
+    return bool(experiment_settings(config, exp)["datasets"].get(role, {}).get("labels", True))
+
+
+def listed_stages(config: dict, exp: str) -> dict[str, Any]:
+    """The experiment's ``stages`` settings; an experiment that lists none runs the default chain: every stage,
+    the oracle only where the target train split has labels (each stage then takes the shared ``train``
+    settings, which must hold ``max_iters``)."""
+    listed = experiment_settings(config, exp).get("stages")
+    if listed:
+        return listed
+    return {s: {} for s in STAGES if s != "oracle" or labelled(config, exp, "target_train")}
+
+
+def notes(config: dict) -> list[str]:
+    """Lines for the results table: what the selected experiments leave out, and why."""
+    return [f"{exp}: no oracle row, as datasets.target_train has no labels (labels: false)"
+            for exp in selected_experiments(config)
+            if not labelled(config, exp, "target_train") and "oracle" not in listed_stages(config, exp)]
+
+
+def check_labels(config: dict, exp: str) -> None:
+    """The source, source_val and target_val splits need labels; the oracle needs target_train's."""
+    base = f"config: experiment_settings.{exp}"
+    why = {"source": "the source domain is the labelled one", "source_val": "source_only is evaluated on it",
+           "target_val": "every stage is evaluated on it"}
+    for role, reason in why.items():
+        if role in dataset_roles(config, exp) and not labelled(config, exp, role):
+            raise ConfigError(f"{base}.datasets.{role}.labels: false, but {reason}, which needs labels")
+    if "oracle" in listed_stages(config, exp) and not labelled(config, exp, "target_train"):
+        raise ConfigError(f"{base}.stages.oracle: the oracle trains on target_train's labels, but "
+                          "datasets.target_train has labels: false; remove the oracle stage")
+
+
+def check_classes(config: dict, exp: str) -> None:
+    """For folder-format datasets, when the workflow is parsed (before a rerun could remove a trained model):
+    ``n_class`` equals the number of classes in each ``classes.txt``, and every role names the same classes in
+    the same order. ConfigError naming the key and the files."""
+    from cpsl.data import folder
+
+    settings = experiment_settings(config, exp)
+    n_class = settings.get("n_class", 19)
+    seen: dict[Path, tuple[str, ...]] = {}
+    for role in dataset_roles(config, exp):
+        ds = settings["datasets"][role]
+        root = ds.get("root")
+        if ds.get("format") != "folder" or not root or str(root).startswith(SYNTH_PREFIX):
+            continue
+        path = Path(os.path.expanduser(str(root))) / folder.CLASSES_FILE
+        try:
+            names = folder.class_names(path.parent)
+        except CpslError as err:
+            raise ConfigError(f"config: experiment_settings.{exp}.datasets.{role}: {err}") from None
+        if len(names) != n_class:
+            raise ConfigError(f"config: experiment_settings.{exp}.n_class: {n_class} does not match the "
+                              f"{len(names)} classes in {path}")
+        for other, other_names in seen.items():
+            if other_names != names:
+                raise ConfigError(f"config: experiment_settings.{exp}.datasets: {other} and {path} name different "
+                                  "classes (or another order); both domains need the same classes.txt")
+        seen[path] = names
+
+
 def stages(config: dict, exp: str) -> list[str]:
-    """The training stages of an experiment, in chain order."""
-    listed = experiment_settings(config, exp).get("stages") or {}
+    """The training stages of an experiment, in chain order (``listed_stages``)."""
+    listed = listed_stages(config, exp)
     unknown = [s for s in listed if s not in STAGES]
     if unknown:
         raise ConfigError(f"config: experiment_settings.{exp}.stages.{unknown[0]}: unknown stage "
@@ -333,7 +397,7 @@ def stage_dir(config: dict, exp: str, seed: int, stage: str) -> Path:
 def _stage_settings(config: dict, exp: str, stage: str) -> dict:
     """``train`` (shared) merged with ``stages.<stage>``, its ``model`` over the experiment's ``model``."""
     settings = experiment_settings(config, exp)
-    merged = deep_merge(settings.get("train") or {}, (settings.get("stages") or {}).get(stage) or {})
+    merged = deep_merge(settings.get("train") or {}, listed_stages(config, exp).get(stage) or {})
     merged["model"] = deep_merge(_model_settings(config, exp), merged.get("model") or {})
     return merged
 
@@ -352,7 +416,7 @@ def train_config(config: dict, exp: str, seed: int, stage: str) -> dict:
     base = f"experiment_settings.{exp}"
     check_keys(C.ModelConfig, settings.get("model"), f"{base}.model")
     check_keys(C.TrainConfig, settings.get("train"), f"{base}.train")
-    check_keys(C.TrainConfig, settings["stages"][stage], f"{base}.stages.{stage}")
+    check_keys(C.TrainConfig, listed_stages(config, exp).get(stage), f"{base}.stages.{stage}")
     merged = _stage_settings(config, exp, stage)
     data = dict(merged.get("data") or {})
     if stage != "oracle":
@@ -420,6 +484,8 @@ def step_config_files(config: dict) -> dict[str, Path]:
     claim_results_dir(config)
     files: dict[str, Path] = {}
     for exp in selected_experiments(config):
+        check_labels(config, exp)
+        check_classes(config, exp)
         cdir = results_dir(config) / exp / "configs"
         if has_synth(config, exp):
             files[f"{exp}/synth"] = write_step_config(cdir / "synth.yaml", synth_config(config, exp))
@@ -443,7 +509,8 @@ def step_config_files(config: dict) -> dict[str, Path]:
     metrics = metrics_files(config)
     if metrics:
         files["collect"] = write_step_config(results_dir(config) / "configs" / "collect.yaml",
-                                             C.to_dict(C.load(C.CollectConfig, {"metrics": metrics})))
+                                             C.to_dict(C.load(C.CollectConfig, {"metrics": metrics,
+                                                                                "notes": notes(config)})))
     return files
 
 

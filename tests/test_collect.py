@@ -109,3 +109,50 @@ def test_sample_predictions_figure(tmp_path):
     colours = {tuple(c) for c in np.array(Image.open(path).convert("RGB")).reshape(-1, 3)}
     for rgb in ((128, 64, 128), (0, 0, 142), (70, 70, 70), (200, 200, 200)):  # road, car, building label, image
         assert rgb in colours
+
+
+def _own_metrics(root, exp, seed, stage, miou, per_class):
+    folder = root / exp / f"seed{seed}" / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    m = {"stage": stage, "experiment": exp, "seed": seed, "iteration": 5, "miou": miou, "per_class": per_class,
+         "n_class": len(per_class), "selection": "last", "data": str(root / exp / "data" / "target_val")}
+    (folder / "metrics.json").write_text(json.dumps(m))
+    return folder / "metrics.json"
+
+
+def test_each_experiment_gets_its_own_class_columns(tmp_path):
+    res = tmp_path / "results"
+    # a class named like a column, one with a '|' and one with a comma: values stay under their own names
+    own = {"ground": 70.0, "miou": 10.0, "cell|nucleus": None, "a, b": 30.0}
+    files = [
+        write_metrics(res, "demo", 0, "warmup", 40.0, 90.0),
+        _own_metrics(res, "mine", 0, "warmup", 36.7, own),
+        _own_metrics(res, "mine", 1, "warmup", 38.7, dict(own, ground=80.0)),
+    ]
+    collect.run(CollectConfig(metrics=files, plots=True, notes=["mine: no oracle row, as it has no labels"]), res)
+    mine = list(csv.reader((res / "mine" / "summary.csv").open()))
+    assert mine[0] == ["experiment", "seed", "stage", "selection", "miou", "miou13", "ground", "miou",
+                       "cell|nucleus", "a, b", "split", "init", "iteration"]
+    assert [r[1] for r in mine[1:]] == ["0", "1", "mean", "std"]
+    assert mine[1][4] == "36.7" and mine[1][6:10] == ["70.0", "10.0", "", "30.0"]
+    assert mine[3][4] == "37.7" and mine[3][6] == "75.0"
+    demo = list(csv.reader((res / "demo" / "summary.csv").open()))
+    assert demo[0][6:25] == list(CLASSES_19) and demo[1][6] == "90.0"
+    # the overall table: every experiment's mIoU rows, no class columns (the two experiments' classes differ)
+    both = list(csv.DictReader((res / "summary.csv").open()))
+    assert list(both[0]) == ["experiment", "seed", "stage", "selection", "miou", "miou13", "split", "init",
+                             "iteration"]
+    assert [(r["experiment"], r["seed"]) for r in both] == [("demo", "0"), ("mine", "0"), ("mine", "1"),
+                                                           ("mine", "mean"), ("mine", "std")]
+    md = (res / "summary.md").read_text()
+    assert "Note: mine: no oracle row, as it has no labels." in md and "| ground |" not in md
+    assert "| experiment | seed | stage | split | selection | mIoU | ground | miou | cell\\|nucleus | a, b |" in \
+        (res / "mine" / "summary.md").read_text()
+    assert (res / "plots" / "mine_per_class.png").stat().st_size > 1000
+
+
+def test_one_experiment_with_two_class_lists_is_refused(tmp_path):
+    a = _own_metrics(tmp_path, "mine", 0, "warmup", 1.0, {"ground": 1.0, "object": 2.0})
+    b = _own_metrics(tmp_path, "mine", 1, "warmup", 1.0, {"object": 1.0, "ground": 2.0})
+    with pytest.raises(DataError, match=f"^{b}: its classes differ from those of {a} "):
+        collect.run(CollectConfig(metrics=[a, b], plots=False), tmp_path / "out")

@@ -28,19 +28,23 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 @dataclass(frozen=True)
 class Sample:
-    """One image/label pair. ``name`` is a stable id (``aachen/aachen_000000_000019``, ``00001``)."""
+    """One image/label pair. ``name`` is a stable id (``aachen/aachen_000000_000019``, ``00001``). ``label`` is
+    None in an unlabelled split (``dataset.labels: false``)."""
 
     name: str
     image: Path
-    label: Path
+    label: Path | None
 
 
 @dataclass(frozen=True)
 class Problem:
-    """A file that cannot be used, and why (one short phrase)."""
+    """A file that cannot be used, and why (one short phrase). ``unpaired_image``: the sample ``name`` has an image
+    but no label (usable in an unlabelled split)."""
 
     file: Path
     reason: str
+    name: str = ""
+    unpaired_image: bool = False
 
     def to_dict(self) -> dict[str, str]:
         return {"file": str(self.file), "reason": self.reason}
@@ -83,30 +87,47 @@ def _short(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Decode an image file to uint8 (H, W, 3) RGB. PNGs go through OpenCV (fast), other formats through PIL."""
+def scale_16bit(arr: np.ndarray, bits: int = 16) -> np.ndarray:
+    """The one rule for 16-bit samples (``dataset.image_bits``): ``value * 255 / (2**bits - 1)``, rounded and
+    clipped to uint8. 16 keeps the full range; a 12-bit camera or microscope (values up to 4095) needs 12, or its
+    images come out near-black."""
+    scale = np.float32(255.0 / ((1 << bits) - 1))
+    return np.clip(np.rint(arr.astype(np.float32) * scale), 0, 255).astype(np.uint8)
+
+
+def decode_image(path: Path, bits: int = 16) -> tuple[np.ndarray, int | None]:
+    """Decode an image file to uint8 (H, W, 3) RGB, and the largest raw sample value of a 16-bit PNG (None for
+    8-bit images). PNGs go through OpenCV (fast), other formats through PIL; 16-bit PNGs are scaled by
+    ``scale_16bit(bits)``."""
     path = Path(path)
     data = _read_bytes(path)
     if _check_png_complete(data, path):
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if arr is None:
             raise DataError(f"{path}: not a readable PNG image")
-        if arr.dtype == np.uint16:  # 16-bit photos are rare; keep the high byte instead of wrapping around
-            arr = (arr >> 8).astype(np.uint8)
+        peak = None
+        if arr.dtype == np.uint16:
+            peak = int(arr.max(initial=0))
+            arr = scale_16bit(arr, bits)
         elif arr.dtype != np.uint8:
             raise DataError(f"{path}: unsupported PNG sample type {arr.dtype}")
         if arr.ndim == 2:
-            return cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB)
+            return cv2.cvtColor(arr, cv2.COLOR_GRAY2RGB), peak
         if arr.shape[2] == 4:
-            return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB)
+            return cv2.cvtColor(arr, cv2.COLOR_BGRA2RGB), peak
         if arr.shape[2] == 3:
-            return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
+            return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB), peak
         raise DataError(f"{path}: PNG with {arr.shape[2]} channels is not an RGB image")
     img = _pil_open(data, path)
     try:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+        return np.asarray(img.convert("RGB"), dtype=np.uint8).copy(), None
     except Exception as err:
         raise DataError(f"{path}: cannot convert {img.mode} image to RGB ({_short(err)})") from None
+
+
+def read_image(path: Path, bits: int = 16) -> np.ndarray:
+    """Decode an image file to uint8 (H, W, 3) RGB (``decode_image``)."""
+    return decode_image(path, bits)[0]
 
 
 def read_index_png(path: Path) -> np.ndarray:
@@ -196,10 +217,19 @@ def pair_by_name(
         if img is not None and lab is not None:
             samples.append(Sample(name, img, lab))
         elif img is not None:
-            problems.append(Problem(img, f"image without label (no {expected_label(name)})"))
+            problems.append(Problem(img, f"image without label (no {expected_label(name)})", name, True))
         else:
             problems.append(Problem(lab, "label without image"))
     return samples, problems
+
+
+def images_only(samples: list[Sample], problems: list[Problem]) -> tuple[list[Sample], list[Problem]]:
+    """A format's ``scan`` result as an unlabelled split: every image is a sample (label None), with or without a
+    label file; a label without its image is no problem; other problems stay. Sorted by name."""
+    found = [Sample(s.name, s.image, None) for s in samples]
+    found += [Sample(p.name, p.file, None) for p in problems if p.unpaired_image]
+    rest = [p for p in problems if not p.unpaired_image and p.reason != "label without image"]
+    return sorted(found, key=lambda s: s.name), rest
 
 
 def require_dir(path: Path, what: str) -> Path:

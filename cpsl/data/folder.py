@@ -49,10 +49,12 @@ def scan(root: Path, split: str) -> tuple[list[Sample], list[Problem]]:
 
 
 def class_names(root: Path) -> tuple[str, ...]:
-    """Class names from ``<root>/classes.txt`` (free text, one per line; trailing blank lines ignored)."""
+    """Class names from ``<root>/classes.txt`` (free text, one per line; trailing blank lines and a UTF-8 byte
+    order mark ignored). Blank lines before the last name, duplicate names and more than 255 classes are errors
+    naming the file and line."""
     path = Path(root) / CLASSES_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"{path}: not found; the folder format needs one class name per line") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -65,6 +67,12 @@ def class_names(root: Path) -> tuple[str, ...]:
             raise DataError(f"{path}: line {i + 1} is blank; every line up to the last must name a class")
     if not lines:
         raise DataError(f"{path}: no class names")
+    seen: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        if line in seen:
+            raise DataError(f"{path}: line {i + 1}: class name {line!r} repeats line {seen[line] + 1}; every "
+                            "class needs its own name")
+        seen[line] = i
     if len(lines) > 255:
         raise DataError(f"{path}: {len(lines)} classes; at most 255 fit 8-bit labels with 255 = ignore")
     return tuple(lines)

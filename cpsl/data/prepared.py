@@ -29,9 +29,9 @@ def _read_json(path: Path) -> Any:
 class PreparedSplit:
     """The samples of one prepared split, with their class names and statistics.
 
-    Attributes: ``root`` (the prepared folder), ``names``, ``image_paths``, ``label_paths`` (absolute),
-    ``classes``, ``n_class``, ``class_counts`` (dict from class_counts.json), ``lab_stats`` (float32 (N, 2, 3)
-    or None), ``meta`` (dict from meta.json).
+    Attributes: ``root`` (the prepared folder), ``names``, ``image_paths``, ``label_paths`` (absolute; None in
+    an unlabelled split), ``labelled``, ``classes``, ``n_class``, ``class_counts`` (dict from class_counts.json),
+    ``lab_stats`` (float32 (N, 2, 3) or None), ``meta`` (dict from meta.json), ``image_bits`` (the 16-bit rule).
     """
 
     def __init__(self, out_dir: str | Path):
@@ -46,9 +46,11 @@ class PreparedSplit:
         if len(self.classes) != self.n_class:
             raise DataError(f"{self.root / 'meta.json'}: n_class {self.n_class} but {len(self.classes)} classes")
 
+        self.labelled: bool = bool(self.meta.get("labels", True))
+        self.image_bits: int = int(self.meta.get("image_bits", 16))
         self.names: list[str] = []
         self.image_paths: list[Path] = []
-        self.label_paths: list[Path] = []
+        self.label_paths: list[Path | None] = []
         list_path = self.root / "list.txt"
         try:
             text = list_path.read_text(encoding="utf-8")
@@ -62,7 +64,7 @@ class PreparedSplit:
                 raise DataError(f"{list_path}: line {i + 1} is not 'name<TAB>image<TAB>label'")
             self.names.append(parts[0])
             self.image_paths.append(Path(parts[1]))
-            self.label_paths.append(self.root / parts[2])
+            self.label_paths.append(self.root / parts[2] if self.labelled else None)
         if len(self.names) != int(self.meta.get("n_images", len(self.names))):
             raise DataError(f"{list_path}: {len(self.names)} lines but meta.json says {self.meta['n_images']} images")
 
@@ -89,10 +91,28 @@ class PreparedSplit:
             raise DataError(f"{self.root / 'class_counts.json'}: not found")
         return np.asarray(self.class_counts["pixels"], dtype=np.int64)
 
+    def labelled_pixels(self) -> int:
+        """Pixels with a class label (not ignore) in the whole split; 0 for an unlabelled split."""
+        return int(self.class_pixels().sum()) if self.labelled else 0
+
+    def require_labels(self, key: str, why: str) -> None:
+        """DataError naming the split and the setting ``key`` unless it has labelled pixels (``why``: who needs
+        them)."""
+        if not self.labelled:
+            raise DataError(f"{self.root}: {key}: this split is unlabelled (prepared with dataset.labels: false); "
+                            f"{why} needs labels")
+        if self.class_counts is not None and self.labelled_pixels() == 0:
+            raise DataError(f"{self.root}: {key}: every label pixel is 255 (ignore), so there is nothing to learn "
+                            f"from; {why} needs labels (see the warning in {self.root / 'meta.json'})")
+
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image (uint8 H x W x 3, RGB) and train-id label (uint8 H x W) of sample ``i``."""
-        image = read_image(self.image_paths[i])
-        label = read_train_id_png(self.label_paths[i])
+        """Image (uint8 H x W x 3, RGB) and train-id label (uint8 H x W; all 255 = ignore in an unlabelled split)
+        of sample ``i``."""
+        image = read_image(self.image_paths[i], self.image_bits)
+        path = self.label_paths[i]
+        if path is None:
+            return image, np.full(image.shape[:2], 255, np.uint8)
+        label = read_train_id_png(path)
         if image.shape[:2] != label.shape:
             raise DataError(f"{self.label_paths[i]}: label is {label.shape} but image is {image.shape[:2]}")
         return image, label

@@ -98,9 +98,9 @@ def student_init(cfg: TrainConfig) -> str:
     the last is another run's checkpoint without its classifier) or ``random``."""
     if cfg.init_checkpoint is not None:
         return f"checkpoint:{cfg.init_checkpoint}"
-    if cfg.model.init is not None:
+    if cfg.model.init_file is not None:
         kind = {"simclr": "simclr", "checkpoint": "backbone"}.get(cfg.model.init_format, "imagenet")
-        return f"{kind}:{cfg.model.init}"
+        return f"{kind}:{cfg.model.init_file}"
     return "random"
 
 

@@ -32,8 +32,8 @@ def build_model(cfg: ModelConfig, key: str = "model") -> DeepLabV2:
                       head_channels=cfg.head_channels, bn_pretrain=cfg.bn_pretrain,
                       aspp_dilations=tuple(cfg.aspp_dilations), dropout=cfg.dropout)
     model.init_report = None
-    if cfg.init is not None:
-        model.init_report = load_init_weights(model, cfg.init, cfg.init_format, key=f"{key}.init")
+    if cfg.init_file is not None:
+        model.init_report = load_init_weights(model, cfg.init_file, cfg.init_format, key=f"{key}.init")
     return model
 
 

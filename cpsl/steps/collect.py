@@ -1,12 +1,17 @@
-"""``cpsl collect``: one results table (and plots) from every stage's ``metrics.json``.
+"""``cpsl collect``: the results tables (and plots) from every stage's ``metrics.json``.
 
 Writes into ``out`` (the workflow uses ``results/``)::
 
-    summary.csv   one row per experiment, seed, stage and evaluated split, plus ``mean`` and ``std`` rows
-                  (over seeds) where several seeds ran; columns ``experiment, seed, stage, selection, miou,
-                  miou13, <19 class names>, split, init, iteration`` (interfaces.md; ``split``, ``init`` and
-                  ``iteration`` extend it). Per-class values are IoU percent, empty where a class never occurred.
-    summary.md    the same as a Markdown table (mIoU, mIoU-13 and per-class IoU, one decimal)
+    <experiment>/summary.csv  per experiment: one row per seed, stage and evaluated split, plus ``mean`` and
+                  ``std`` rows (over seeds) where several seeds ran; columns ``experiment, seed, stage, selection,
+                  miou, miou13, <the experiment's class names>, split, init, iteration`` (interfaces.md; ``split``,
+                  ``init`` and ``iteration`` extend it). Per-class values are IoU percent, empty where a class
+                  never occurred. The class names are the experiment's own, in train-id order, from its
+                  metrics.json files (its label table or ``classes.txt``).
+    <experiment>/summary.md   the same as a Markdown table (mIoU, mIoU-13 and per-class IoU, one decimal)
+    summary.csv   every experiment's rows, with the per-class columns only when every experiment has the same
+                  classes (never one experiment's values under another's class names); else the mIoU columns
+    summary.md    the same as a Markdown table, with the ``notes`` (e.g. an experiment without an oracle)
     plots/<experiment>_per_class.png     per-class IoU of every stage on target val (mean over seeds)
     plots/<experiment>_seed<S>_curves.png training losses per stage (from each stage's metrics.jsonl)
     plots/<experiment>_seed<S>_samples.png target-val images, their labels and every stage's prediction in the
@@ -32,7 +37,6 @@ import numpy as np
 
 from cpsl.config import CollectConfig
 from cpsl.errors import DataError
-from cpsl.labels import CLASSES_19
 from cpsl.provenance import atomic_write_text
 
 STAGE_ORDER = ("source_only", "warmup", "stage1", "stage2", "stage3", "oracle")
@@ -64,24 +68,32 @@ def _init_of(metrics_path: Path) -> str:
     return ""
 
 
-def load_rows(paths: list[Path]) -> list[dict[str, Any]]:
-    """One row per metrics.json: the interfaces.md fields, per-class IoU by name, split, init."""
+def load_rows(paths: list[Path]) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """One row per metrics.json (the interfaces.md fields, split, init, and ``iou``: per-class IoU by name), and
+    each experiment's class names in train-id order. Every metrics.json of an experiment must name the same
+    classes (DataError naming the two files otherwise)."""
     rows = []
+    classes: dict[str, tuple[list[str], Path]] = {}
     for path in paths:
         m = _read_json(Path(path))
         missing = [k for k in ("stage", "experiment", "seed", "miou", "per_class") if k not in m]
         if missing:
             raise DataError(f"{path}: metrics.json lacks {', '.join(missing)}")
-        row: dict[str, Any] = {
+        if not isinstance(m["per_class"], dict):
+            raise DataError(f"{path}: per_class must map class names to IoU values")
+        names = [str(k) for k in m["per_class"]]
+        first = classes.setdefault(m["experiment"], (names, Path(path)))
+        if first[0] != names:
+            raise DataError(f"{path}: its classes differ from those of {first[1]} (same experiment "
+                            f"{m['experiment']!r}): {', '.join(names[:5])}... against {', '.join(first[0][:5])}...")
+        rows.append({
             "experiment": m["experiment"], "seed": m["seed"], "stage": m["stage"],
             "selection": m.get("selection", "last"), "miou": m["miou"], "miou13": m.get("miou13"),
             "split": Path(m["data"]).name if m.get("data") else "target_val",
-            "init": _init_of(Path(path)), "iteration": m.get("iteration"),
-        }
-        row.update(m["per_class"])
-        rows.append(row)
+            "init": _init_of(Path(path)), "iteration": m.get("iteration"), "iou": dict(m["per_class"]),
+        })
     rows.sort(key=_row_order)
-    return rows
+    return rows, {exp: names for exp, (names, _) in classes.items()}
 
 
 def _row_order(row: dict) -> tuple:
@@ -110,10 +122,12 @@ def aggregate(rows: list[dict[str, Any]], class_names: list[str]) -> list[dict[s
         if len({r["seed"] for r in members}) < 2:
             continue
         mean_row = {"experiment": exp, "seed": "mean", "stage": stage, "selection": selection, "split": split,
-                    "init": members[0]["init"], "iteration": members[0]["iteration"]}
-        std_row = dict(mean_row, seed="std")
-        for col in ("miou", "miou13", *class_names):
+                    "init": members[0]["init"], "iteration": members[0]["iteration"], "iou": {}}
+        std_row = dict(mean_row, seed="std", iou={})
+        for col in ("miou", "miou13"):
             mean_row[col], std_row[col] = _mean_std([r.get(col) for r in members])
+        for name in class_names:
+            mean_row["iou"][name], std_row["iou"][name] = _mean_std([r["iou"].get(name) for r in members])
         out += [mean_row, std_row]
     out.sort(key=_row_order)
     return out
@@ -128,23 +142,31 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 
 def write_csv(path: Path, rows: list[dict], class_names: list[str]) -> None:
-    columns = [*BASE_COLUMNS, *class_names, *EXTRA_COLUMNS]
+    """Columns ``BASE_COLUMNS``, the class names, ``EXTRA_COLUMNS`` (a class may be named like a column: the
+    values are placed by position, never mixed up)."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([*BASE_COLUMNS, *class_names, *EXTRA_COLUMNS])
     for row in rows:
-        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+        values = [*(row.get(c) for c in BASE_COLUMNS), *(row["iou"].get(c) for c in class_names),
+                  *(row.get(c) for c in EXTRA_COLUMNS)]
+        writer.writerow(["" if v is None else v for v in values])
     atomic_write_text(path, buf.getvalue())
 
 
-def markdown(rows: list[dict], class_names: list[str]) -> str:
+def _cell(text: str) -> str:
+    """A Markdown table cell: a '|' in a class name would split it."""
+    return str(text).replace("|", "\\|")
+
+
+def markdown(rows: list[dict], class_names: list[str], extra_notes: list[str] = ()) -> str:
     has13 = any(r.get("miou13") is not None for r in rows)
     head = ["experiment", "seed", "stage", "split", "selection", "mIoU", *(["mIoU-13"] if has13 else []),
-            *class_names]
+            *map(_cell, class_names)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["experiment"], str(r["seed"]), r["stage"], r["split"], r["selection"], _fmt(r["miou"]),
-                 *([_fmt(r.get("miou13"))] if has13 else []), *(_fmt(r.get(c)) for c in class_names)]
+                 *([_fmt(r.get("miou13"))] if has13 else []), *(_fmt(r["iou"].get(c)) for c in class_names)]
         lines.append("| " + " | ".join(cells) + " |")
     # One entry per stage: a checkpoint of seed S's own chain is written once, with its seed folder as seed<S>.
     inits = sorted({(r["stage"], SEED_DIR.sub(r"\1seed<S>\2", r["init"])) for r in rows if r.get("init")})
@@ -152,10 +174,11 @@ def markdown(rows: list[dict], class_names: list[str]) -> str:
              "ground truth and prediction. `selection: last` is the final checkpoint."]
     if inits:
         notes.append("Student initialisation per stage: " + "; ".join(f"{s}: {i}" for s, i in inits) + ".")
-    return "\n".join(lines + notes) + "\n"
+    return "\n".join(lines + notes + [f"Note: {n}." for n in extra_notes]) + "\n"
 
 
-def _plots(out: Path, rows: list[dict], class_names: list[str], stage_dirs: dict[tuple, Path]) -> list[Path]:
+def _plots(out: Path, rows: list[dict], classes: dict[str, list[str]],
+           stage_dirs: dict[tuple, Path]) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,10 +193,11 @@ def _plots(out: Path, rows: list[dict], class_names: list[str], stage_dirs: dict
         sel = [r for r in sel if (r["seed"] == "mean") == multi and r["seed"] != "std"]
         if not sel:
             continue
+        class_names = classes[exp]
         fig, ax = plt.subplots(figsize=(max(8, len(class_names) * 0.6), 4))
         width = 0.8 / len(sel)
         for i, r in enumerate(sel):
-            vals = [r.get(c) if r.get(c) is not None else 0.0 for c in class_names]
+            vals = [r["iou"].get(c) if r["iou"].get(c) is not None else 0.0 for c in class_names]
             ax.bar([x + i * width for x in range(len(class_names))], vals, width,
                    label=f"{r['stage']} ({_fmt(r['miou'])})")
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(class_names))])
@@ -261,20 +285,22 @@ def _sample_plots(plot_dir: Path, stage_dirs: dict[tuple, Path], plt: Any) -> li
 
 
 def run(cfg: CollectConfig, out: Path) -> dict:
-    """Build summary.csv / summary.md (and plots) in ``out`` from ``cfg.metrics``."""
+    """Build ``<experiment>/summary.{csv,md}`` per experiment, ``summary.{csv,md}`` over all of them (and plots)
+    in ``out`` from ``cfg.metrics``."""
     out = Path(out)
     if not cfg.metrics:
         raise DataError("metrics: no metrics.json files given")
-    rows = load_rows([Path(p) for p in cfg.metrics])
-    class_names = list(CLASSES_19)
-    for r in rows:  # a 16/13-class experiment still uses names from the 19
-        extra = [k for k in r if k not in BASE_COLUMNS + EXTRA_COLUMNS and k not in class_names]
-        if extra:
-            raise DataError(f"unknown class names in metrics: {', '.join(extra)}")
-    table = aggregate(rows, class_names)
+    rows, classes = load_rows([Path(p) for p in cfg.metrics])
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "summary.csv", table, class_names)
-    atomic_write_text(out / "summary.md", markdown(table, class_names))
+    for exp, names in classes.items():
+        mine = aggregate([r for r in rows if r["experiment"] == exp], names)
+        write_csv(out / exp / "summary.csv", mine, names)
+        atomic_write_text(out / exp / "summary.md", markdown(mine, names))
+    # the per-class columns of the overall table only when every experiment has the same classes
+    shared = next(iter(classes.values())) if len({tuple(c) for c in classes.values()}) == 1 else []
+    table = aggregate(rows, shared)
+    write_csv(out / "summary.csv", table, shared)
+    atomic_write_text(out / "summary.md", markdown(table, shared, cfg.notes))
     plots: list[Path] = []
     (out / "plots").mkdir(exist_ok=True)  # the workflow's output folder, also when plots are off
     if cfg.plots:
@@ -285,5 +311,5 @@ def run(cfg: CollectConfig, out: Path) -> dict:
                 continue
             m = _read_json(Path(p))
             stage_dirs[(m["experiment"], m["seed"], m["stage"])] = folder
-        plots = _plots(out, table, class_names, stage_dirs)
+        plots = _plots(out, table, classes, stage_dirs)
     return {"rows": len(table), "plots": [str(p) for p in plots]}

@@ -5,11 +5,18 @@ label conversion, validation and per-image statistics happen here and nowhere el
 
 Output directory::
 
-    list.txt            name <TAB> absolute image path <TAB> labels/<name>.png   (one line per kept sample)
+    list.txt            name <TAB> absolute image path <TAB> labels/<name>.png   (one line per kept sample;
+                        ``-`` in place of the label in an unlabelled split, ``dataset.labels: false``)
     labels/<name>.png   uint8 train ids, 255 = ignore, same H x W as the image
     class_counts.json   {"classes", "pixels" (per train id), "ignore", "images"}
     lab_stats.npy       float32 (N, 2, 3): per image, mean and std of L, a, b (when lab_stats is on)
-    meta.json           format, root, split, n_class, classes, n_images, image_sizes, skipped, cpsl_version
+    meta.json           format, root, split, n_class, classes, labels, n_images, image_sizes, image_bits,
+                        image_max (largest raw value of the 16-bit images, null if none), skipped, warnings,
+                        cpsl_version
+
+Warnings (printed, and listed in meta.json): a labelled split whose every label pixel is ignore (255; training
+refuses it), and 16-bit images that use 12 bits or fewer while ``dataset.image_bits`` is 16 (they would come out
+near-black).
 
 Everything is written into a hidden temp folder next to ``out`` and renamed at the end, so an interrupted or
 failed run leaves neither a partial ``out`` nor a changed previous one.
@@ -32,11 +39,14 @@ import cpsl
 from cpsl import labels, progress
 from cpsl.config import PrepareConfig
 from cpsl.data import get_format
-from cpsl.data.common import Problem, Sample, read_image, write_label_png
+from cpsl.data.common import Problem, Sample, decode_image, images_only, write_label_png
 from cpsl.errors import DataError
+from cpsl.models.deeplabv2 import output_size
 from cpsl.outputs import publish_dir, remove_path, remove_stale_staging
 
 MAX_LISTED_ON_STDERR = 50
+UNLABELLED = "-"  # list.txt's label column in an unlabelled split
+MIN_SIDE = 7   # the smallest image side whose network output (stride 8) is 2 pixels, so 7x1 is the smallest image
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,7 @@ class _Job:
     expected_size: tuple[int, int] | None
     label_dir: Path
     lab_stats: bool
+    image_bits: int = 16
 
 
 @dataclass(frozen=True)
@@ -60,8 +71,10 @@ class _Converted:
     image: Path
     height: int
     width: int
-    train_counts: np.ndarray | None  # int64 (256,): pixels per train id (index 255 = ignore)
+    train_counts: np.ndarray | None  # int64 (256,): pixels per train id (index 255 = ignore); None: no label
     lab: np.ndarray | None    # float64 (2, 3): mean and std of L, a, b
+    peak: int | None = None   # largest raw sample of a 16-bit image
+    labelled: bool = True
 
 
 _JOB: _Job | None = None
@@ -118,13 +131,19 @@ def convert_sample(sample: Sample, job: _Job) -> _Converted | Problem:
     if any(c in s for s in (sample.name, str(sample.image)) for c in "\t\n\r"):
         return Problem(sample.image, "file name contains a tab or newline")
     try:
-        image = read_image(sample.image)
+        image, peak = decode_image(sample.image, job.image_bits)
     except Exception as err:
         return Problem(sample.image, _reason(err, sample.image))
     h, w = image.shape[:2]
     if job.expected_size is not None and (h, w) != job.expected_size:
         eh, ew = job.expected_size
         return Problem(sample.image, f"image is {h}x{w} (HxW), expected {eh}x{ew} (dataset.expected_size)")
+    if output_size(h) * output_size(w) < 2:
+        return Problem(sample.image, f"image is {h}x{w} (HxW), smaller than the network takes (its output, 1/8 "
+                                     f"of the image, would be a single pixel: at least {MIN_SIDE} pixels on one side)")
+    lab = lab_mean_std(image) if job.lab_stats else None
+    if sample.label is None:
+        return _Converted(sample.name, sample.image, h, w, None, lab, peak, labelled=False)
     try:
         raw = fmt.read_raw_label(sample.label)
     except Exception as err:
@@ -151,8 +170,7 @@ def convert_sample(sample: Sample, job: _Job) -> _Converted | Problem:
     train = labels.apply_lut(raw, job.lut)
     train_counts = np.bincount(job.lut[present], weights=counts[present], minlength=256).astype(np.int64)
     write_label_png(job.label_dir / f"{sample.name}.png", train)
-    lab = lab_mean_std(image) if job.lab_stats else None
-    return _Converted(sample.name, sample.image, h, w, train_counts, lab)
+    return _Converted(sample.name, sample.image, h, w, train_counts, lab, peak)
 
 
 def _convert_indexed(item: tuple[int, Sample]) -> tuple[int, _Converted | Problem]:
@@ -202,6 +220,8 @@ def run(cfg: PrepareConfig, out: Path) -> dict:
     _check_root(root)
     class_names = tuple(fmt.classes(root, ds.n_class))
     samples, problems = fmt.scan(root, ds.split)
+    if not ds.labels:
+        samples, problems = images_only(samples, problems)
     if not samples and not problems:
         raise DataError(f"{root}: no images found for {ds.format} split {ds.split!r} (dataset.root, dataset.split)")
     if problems and not ds.allow_skip:
@@ -221,6 +241,7 @@ def run(cfg: PrepareConfig, out: Path) -> dict:
             expected_size=tuple(ds.expected_size) if ds.expected_size else None,  # type: ignore[arg-type]
             label_dir=tmp / "labels",
             lab_stats=cfg.lab_stats,
+            image_bits=ds.image_bits,
         )
         (tmp / "labels").mkdir()
         kept: list[_Converted] = []
@@ -231,7 +252,8 @@ def run(cfg: PrepareConfig, out: Path) -> dict:
                 if isinstance(res, Problem):
                     problems.append(res)
                 else:
-                    counts += res.train_counts
+                    if res.train_counts is not None:
+                        counts += res.train_counts
                     kept.append(replace(res, train_counts=None))  # keep the parent's memory small
         finally:
             results.close()  # stops the worker pool at once if anything above failed
@@ -250,6 +272,8 @@ def run(cfg: PrepareConfig, out: Path) -> dict:
         raise
     if problems:
         _report_skipped(problems)
+    for warning in meta["warnings"]:
+        print(f"cpsl prepare: warning: {warning}", file=sys.stderr)
     return meta
 
 
@@ -272,7 +296,7 @@ def _write_outputs(
 ) -> dict:
     ds = cfg.dataset
     n_class = len(class_names)
-    lines = [f"{c.name}\t{c.image}\tlabels/{c.name}.png\n" for c in kept]
+    lines = [f"{c.name}\t{c.image}\t{f'labels/{c.name}.png' if c.labelled else UNLABELLED}\n" for c in kept]
     (tmp / "list.txt").write_text("".join(lines), encoding="utf-8")
 
     stray = int(counts[n_class:].sum() - counts[labels.IGNORE_INDEX])
@@ -291,16 +315,31 @@ def _write_outputs(
     sizes: dict[tuple[int, int], int] = {}
     for c in kept:
         sizes[(c.height, c.width)] = sizes.get((c.height, c.width), 0) + 1
+    peaks = [c.peak for c in kept if c.peak is not None]
+    image_max = max(peaks) if peaks else None
+    warnings = []
+    if ds.labels and int(counts[:n_class].sum()) == 0:
+        warnings.append(f"every label pixel of the {len(kept)} images is 255 (ignore): this split has no labels "
+                        "to learn from, and training refuses it (an unlabelled split is `dataset.labels: false`)")
+    used = int(image_max).bit_length() if image_max else 0
+    if image_max is not None and used <= 12 and ds.image_bits == 16:
+        warnings.append(f"the 16-bit images use only {used} bits (largest value {image_max}); with "
+                        f"dataset.image_bits: 16 they are scaled by 255/65535 and come out near-black: set "
+                        f"dataset.image_bits: {max(used, 8)} (value * 255 / (2**bits - 1))")
     meta = {
         "format": ds.format,
         "root": str(root),
         "split": ds.split,
         "n_class": n_class,
         "classes": list(class_names),
+        "labels": bool(ds.labels),
         "n_images": len(kept),
         "image_sizes": [{"height": h, "width": w, "count": n} for (h, w), n in sorted(sizes.items())],
+        "image_bits": ds.image_bits,
+        "image_max": image_max,
         "lab_stats": bool(cfg.lab_stats),
         "skipped": [p.to_dict() for p in problems],
+        "warnings": warnings,
         "cpsl_version": cpsl.__version__,
     }
     _write_json(tmp / "meta.json", meta)

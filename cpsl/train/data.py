@@ -172,6 +172,20 @@ def weak_config(data_cfg: Any) -> WeakConfig:
                       scale=(float(data_cfg.scale[0]), float(data_cfg.scale[1])), flip_p=float(data_cfg.flip))
 
 
+def check_same_classes(splits: dict[str, PreparedSplit]) -> None:
+    """Every split must name the same classes in the same order (a train id means one class everywhere);
+    DataError naming both meta.json files and the first difference."""
+    items = sorted(splits.items())
+    for (name_a, a), (name_b, b) in zip(items, items[1:]):
+        if a.classes != b.classes:
+            i = next((k for k, (x, y) in enumerate(zip(a.classes, b.classes)) if x != y), min(len(a.classes),
+                                                                                         len(b.classes)))
+            at = lambda c: repr(c[i]) if i < len(c) else "nothing"  # noqa: E731
+            raise DataError(f"{a.root / 'meta.json'} (data.{name_a}) and {b.root / 'meta.json'} (data.{name_b}) "
+                            f"name different classes: train id {i} is {at(a.classes)} in one and {at(b.classes)} "
+                            "in the other; both domains need the same classes.txt (names and order)")
+
+
 def build_datasets(cfg: Any, domains: dict[str, dict[str, Any]], n_class: int) -> dict[str, TrainDataset]:
     """One TrainDataset per domain the method asks for (``{"source": {...}, "target": {...}}``).
 
@@ -192,9 +206,12 @@ def build_datasets(cfg: Any, domains: dict[str, dict[str, Any]], n_class: int) -
             raise ConfigError(f"data.{domain}: {split.root} has {split.n_class} classes, "
                               f"model.n_class is {n_class}")
         splits[domain] = split
+    check_same_classes(splits)
     out = {}
     for domain, kwargs in domains.items():
         kwargs = dict(kwargs)
+        if kwargs.get("label", True):
+            splits[domain].require_labels(f"data.{domain}", f"stage {cfg.stage!r} trains on its labels and")
         if domain == "source" and cfg.data.lab_transfer:
             stats = splits["target"].lab_stats
             if stats is None:

@@ -136,7 +136,8 @@ def fingerprint(path: str | Path) -> str:
 def input_fingerprints(cfg: TrainConfig) -> dict[str, str]:
     """``fingerprint`` of every input the stage reads (``INPUT_KEYS`` that are set), by config key."""
     flat = _flatten(to_dict(cfg))
-    return {key: fingerprint(flat[key]) for key in INPUT_KEYS if flat.get(key)}
+    return {key: fingerprint(flat[key]) for key in INPUT_KEYS
+            if flat.get(key) and not (key == "model.init" and cfg.model.init_file is None)}
 
 
 def _changed_input(state: dict[str, Any], inputs: dict[str, str]) -> str | None:
