@@ -521,6 +521,13 @@ def metrics_files(config: dict) -> list[str]:
             for stage, role in evaluations(config, exp)]
 
 
+def missing_report_files(config: dict) -> list[str]:
+    """The results tables that ``snakemake --report`` bundles and that do not exist yet."""
+    rd = results_dir(config)
+    files = [rd / "summary.csv", *(rd / exp / "summary.csv" for exp in selected_experiments(config))]
+    return [str(f) for f in files if not f.is_file()]
+
+
 def final_targets(config: dict) -> list[str]:
     """What `snakemake` builds by default: every prepared dataset, every stage's metrics, and the inference
     products the stages consume, for every selected experiment and seed, and the results table."""

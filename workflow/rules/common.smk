@@ -17,6 +17,14 @@ except ConfigError as err:
     sys.exit(1)
 
 RESULTS = W.results_dir(config)
+
+# `snakemake --report` before the run has made the tables: one line instead of Snakemake's WorkflowError.
+if any(arg == "--report" or arg.startswith("--report=") for arg in sys.argv[1:]):
+    missing = W.missing_report_files(config)
+    if missing:
+        print(f"cpsl-pipeline: error: snakemake --report needs a finished run: {missing[0]} does not exist yet; "
+              "run `snakemake --cores N` first (with the same --config/--configfile)", file=sys.stderr)
+        sys.exit(1)
 # The same Python that runs Snakemake (a venv need not be activated for the jobs to find the package).
 CPSL = f"{shlex.quote(sys.executable)} -m cpsl"
 EXPERIMENTS = W.selected_experiments(config)
