@@ -238,6 +238,50 @@ def test_import_legacy_format_with_discriminator_and_bn_pretrain(tmp_path, monke
     assert all(torch.equal(a, b) for a, b in zip(disc.state_dict().values(), disc2.state_dict().values()))
 
 
+def test_import_legacy_pickle_names_what_is_refused_and_how_to_resave(tmp_path):
+    """A non-zip pickle is named as such, with the objects the restricted loader refuses (torch itself only says
+    "Unsupported operand 149": the FRAME opcode of pickle protocol 4+) and how to re-save it."""
+    import argparse
+
+    cfg = ModelConfig(backbone="resnet18", base_width=8, head_channels=16, n_class=16)
+    ref = {"ResNet101": {"model_state": build_model(cfg).state_dict(), "prototypes_ema": torch.zeros(16, 16)},
+           "iter": 7, "opt": argparse.Namespace(lr=1e-4)}
+    resave = r"; to re-save it, load it only if you trust it, with torch\.load\(path, map_location='cpu', " \
+             r"weights_only=False\) \(pickle\.load for a file written with pickle\.dump\), keep only tensors"
+
+    raw = tmp_path / "raw.pkl"    # pickle.dump, protocol 4: torch's own reason is "Unsupported operand 149"
+    with open(raw, "wb") as fh:
+        pickle.dump(ref, fh, protocol=4)
+    with pytest.raises(CheckpointError, match=r"^" + str(raw).replace(".", r"\.") + r": refused: a legacy \(non-zip\) "
+                       r"pickle with something other than tensors, containers and numpy scalars in it \(global "
+                       r"argparse\.Namespace is not allowed, global torch\.storage\._load_from_bytes is not allowed: "
+                       r"tensors written with pickle\.dump, not torch\.save\)" + resave) as err:
+        import_checkpoint.run(ImportCheckpointConfig(source=raw), tmp_path / "out")
+    assert "\n" not in str(err.value) and "torch.save(obj, new_path)" in str(err.value)
+
+    legacy = tmp_path / "legacy.pkl"  # torch's legacy format, protocol 2: torch names the Namespace already
+    torch.save(ref, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"legacy\.pkl: refused: a legacy \(non-zip\) pickle with something "
+                       r"other than tensors, containers and numpy scalars in it \(global argparse\.Namespace is not "
+                       r"allowed\)" + resave):
+        import_checkpoint.run(ImportCheckpointConfig(source=legacy), tmp_path / "out")
+
+    clean = {k: v for k, v in ref.items() if k != "opt"}   # tensors only, but protocol 4: the protocol is the problem
+    p4 = tmp_path / "p4.pkl"
+    torch.save(clean, p4, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    with pytest.raises(CheckpointError, match=r"p4\.pkl: refused: a legacy \(non-zip\) pickle written with pickle "
+                       r"protocol 4, which torch's restricted loader cannot read \(Unsupported operand 149\)" + resave):
+        import_checkpoint.run(ImportCheckpointConfig(source=p4), tmp_path / "out")
+    assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+    fixed = tmp_path / "fixed.pkl"  # what the message says to do
+    obj = torch.load(legacy, map_location="cpu", weights_only=False)
+    obj["opt"] = vars(obj["opt"])
+    torch.save(obj, fixed)
+    state = load_checkpoint(import_checkpoint.run(ImportCheckpointConfig(source=fixed), tmp_path / "ok"))
+    assert state["iteration"] == 7
+
+
 class _Payload:
     def __init__(self, sentinel: str) -> None:
         self.sentinel = sentinel

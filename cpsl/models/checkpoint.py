@@ -68,6 +68,109 @@ def refusal_reason(text: str) -> str:
     return lines[-1][:200] if lines else "unsupported content"
 
 
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
+                         "BINSTRING", "STRING"})
+_PICKLED_TENSOR = "torch.storage._load_from_bytes"   # how pickle.dump (not torch.save) writes a tensor
+_NO_PUSH_OPS = frozenset({"PROTO", "FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "STOP"})
+RESAVE_HINT = ("to re-save it, load it only if you trust it, with torch.load(path, map_location='cpu', "
+               "weights_only=False) (pickle.load for a file written with pickle.dump), keep only tensors, containers "
+               "and numbers (vars() of a Namespace, .item() of numpy scalars, state_dict() of modules) and write "
+               "that with torch.save(obj, new_path)")
+
+
+def pickle_globals(path: str | Path) -> tuple[bool, int | None, list[str]]:
+    """What a pickle file imports, read statically (``pickletools``: nothing is unpickled or run).
+
+    Returns ``(is_zip, protocol, globals)``: ``globals`` are the ``module.name`` strings of its GLOBAL /
+    STACK_GLOBAL / INST opcodes, in order of first use. A torch zip file is read from its ``data.pkl``; any other
+    file as consecutive pickles from its start (a legacy torch file holds five, then raw storage bytes). A file
+    that is not a pickle gives what was read before the first bad opcode.
+    """
+    import io
+    import pickletools
+    import zipfile
+
+    path = Path(path)
+    is_zip = zipfile.is_zipfile(path)
+    if is_zip:
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n.endswith("data.pkl")]
+            data = zf.read(names[0]) if names else b""
+    else:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    stream, protocol, found = io.BytesIO(data), None, []
+    for _ in range(5 if not is_zip else 1):
+        memo: dict[Any, Any] = {}
+        recent: list[Any] = []
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                name = op.name
+                if name == "PROTO" and protocol is None:
+                    protocol = int(arg)
+                if name in _STRING_OPS:
+                    recent.append(arg)
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    recent.append(memo.get(arg))
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = recent[-1] if recent else None
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = recent[-1] if recent else None
+                elif name in ("GLOBAL", "INST"):
+                    found.append(".".join(str(arg).split(" ", 1)))
+                    recent.append(None)
+                elif name == "STACK_GLOBAL":
+                    mod, qual = (recent[-2], recent[-1]) if len(recent) >= 2 else (None, None)
+                    found.append(f"{mod}.{qual}" if isinstance(mod, str) and isinstance(qual, str) else "?")
+                    recent.append(None)
+                elif name not in _NO_PUSH_OPS:
+                    recent.append(None)
+        except Exception:  # noqa: BLE001 - the end of the pickles (raw storage bytes) or a damaged file
+            break
+        if stream.tell() >= len(data):
+            break
+    return is_zip, protocol, list(dict.fromkeys(found))
+
+
+def _allowed_global(name: str) -> bool:
+    """Whether torch's restricted unpickler admits the global ``name`` (its defaults plus the safe globals
+    registered at the call, e.g. import-checkpoint's numpy scalars)."""
+    try:
+        from torch import _weights_only_unpickler as wou
+        allowed = set(wou._get_allowed_globals()) | set(wou._get_user_allowed_globals())
+    except Exception:  # noqa: BLE001 - private torch API; fall back to the tensor machinery
+        allowed = {"collections.OrderedDict"}
+    return name in allowed or name.startswith("torch._utils._rebuild") or (
+        name.startswith("torch.") and name.endswith("Storage"))
+
+
+def refusal_message(path: str | Path, reason: str, allowed: str) -> str:
+    """The one-line reason a restricted load of ``path`` was refused (``reason``: torch's, via ``refusal_reason``).
+
+    ``allowed`` says what the loader accepts ("tensors, containers and numpy scalars"). Zip files keep torch's
+    reason, which names the refused global. A legacy (non-zip) pickle is named as such, with the objects in it
+    that the loader refuses (found by a static scan of its opcodes: torch's own reason is often just the
+    unsupported opcode 149, the FRAME of pickle protocol 4+, which hides the content) and how to re-save it.
+    """
+    try:
+        is_zip, protocol, found = pickle_globals(path)
+    except Exception:  # noqa: BLE001
+        is_zip, protocol, found = True, None, []
+    bad = sorted((g for g in found if not _allowed_global(g)), key=lambda g: g == _PICKLED_TENSOR)
+    if is_zip and "Unsupported operand" not in reason:
+        return f"refused: the pickle references something other than {allowed} ({reason})"
+    kind = "torch zip file" if is_zip else "legacy (non-zip) pickle"
+    if bad:
+        what = ", ".join(f"global {g} is not allowed" + (": tensors written with pickle.dump, not torch.save"
+                                                          if g == _PICKLED_TENSOR else "") for g in bad[:3])
+        what += f", and {len(bad) - 3} more" if len(bad) > 3 else ""
+        return f"refused: a {kind} with something other than {allowed} in it ({what}); {RESAVE_HINT}"
+    if protocol is not None and protocol >= 4:
+        return (f"refused: a {kind} written with pickle protocol {protocol}, which torch's restricted loader "
+                f"cannot read ({reason}); {RESAVE_HINT} (torch.save's default protocol is 2)")
+    return f"refused: a {kind} with something other than {allowed} in it ({reason}); {RESAVE_HINT}"
+
+
 def _check_safe(obj: Any, where: str) -> None:
     """Raise TypeError naming ``where`` if ``obj`` holds something ``weights_only`` loading would refuse."""
     if isinstance(obj, np.generic):  # np.float64 subclasses float but is refused by weights_only loading

@@ -9,7 +9,9 @@ Reference layout (spec 2.4)::
 The file is read through torch's restricted (``weights_only``) unpickler, which admits tensors and storages,
 plain containers and numbers, plus the numpy scalar constructor and numeric numpy dtypes (for ``best_iou``).
 Anything else (a pickle that would call ``os.system``, build an arbitrary class, ...) is refused before it
-runs, with a CheckpointError naming the file and the refused global. CUDA storages are mapped to CPU.
+runs, with a CheckpointError naming the file and the refused global. A legacy (non-zip) pickle is named as such,
+with the refused objects (found by a static scan of its opcodes: torch itself often reports only "Unsupported
+operand 149", the FRAME opcode of pickle protocol 4+) and how to re-save it. CUDA storages are mapped to CPU.
 
 The network layout is inferred from the weights (backbone from the block count, ``n_class`` from the
 classifier, ``bn_pretrain`` from its keys), checked against the optional settings, and verified by loading the
@@ -31,8 +33,8 @@ import torch
 
 from cpsl.config import ImportCheckpointConfig, ModelConfig, to_dict
 from cpsl.errors import CheckpointError
-from cpsl.models.checkpoint import (load_model_state, make_checkpoint, refusal_reason, save_checkpoint,
-                                    short_error)
+from cpsl.models.checkpoint import (load_model_state, make_checkpoint, refusal_message, refusal_reason,
+                                    save_checkpoint, short_error)
 from cpsl.models.deeplabv2 import ASPP_DILATIONS, DeepLabV2
 from cpsl.models.discriminator import FCDiscriminator
 
@@ -71,9 +73,9 @@ def safe_load_reference(path: str | Path) -> Any:
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        what = refusal_reason(str(err))
-        raise CheckpointError(f"{path}: refused: the pickle references something other than tensors, containers "
-                              f"and numpy scalars ({what})") from None
+        with _allow_numpy_scalars():
+            message = refusal_message(path, refusal_reason(str(err)), "tensors, containers and numpy scalars")
+        raise CheckpointError(f"{path}: {message}") from None
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(f"{path}: not a readable checkpoint "
                               f"(truncated or corrupt: {short_error(err)})") from None
