@@ -185,6 +185,9 @@ class DatasetConfig:
     # 16-bit images (microscopy, remote sensing) become 8-bit as value * 255 / (2**image_bits - 1), clipped; the
     # rule and the bits the data actually use are recorded in meta.json (a warning when they use fewer).
     image_bits: int = 16
+    # Images with both sides below min_side are refused (allow_skip: skipped): with fewer than 7 pixels on both
+    # sides the network's output (stride 8) is a single pixel, on which it fails. 1 turns the check off.
+    min_side: int = 7
 
     def validate(self, prefix: str = "") -> None:
         _check(self.n_class in (19, 16, 13) or self.format == "folder", _join(prefix, "n_class"),
@@ -195,6 +198,7 @@ class DatasetConfig:
                    _join(prefix, "expected_size"), f"must be [height, width] > 0 (got {self.expected_size})")
         _check(self.workers >= 0, _join(prefix, "workers"), f"must be >= 0 (got {self.workers})")
         _check(8 <= self.image_bits <= 16, _join(prefix, "image_bits"), f"must be in 8..16 (got {self.image_bits})")
+        _check(self.min_side >= 1, _join(prefix, "min_side"), f"must be >= 1 (got {self.min_side})")
 
 
 @dataclass

@@ -43,7 +43,8 @@ def make_split(tmp: Path, images: list[np.ndarray], labels: list[np.ndarray], la
         for i, (img, lab) in enumerate(zip(images, labels)):
             _write_rgb(raw / "images" / f"img{i}.png", img)
             _write_gray(raw / "labels" / f"img{i}.png", lab)
-        ds = DatasetConfig(format="folder", root=raw, split="all", n_class=len(classes), workers=0)
+        # min_side 1: the fake models of the hand-checked tests take images of any size
+        ds = DatasetConfig(format="folder", root=raw, split="all", n_class=len(classes), workers=0, min_side=1)
     else:
         lut = np.full(256, 0, np.uint8)  # ignore (255) -> labelId 0 (unlabeled)
         lut[:19] = TRAIN_TO_LABEL_ID
@@ -52,7 +53,7 @@ def make_split(tmp: Path, images: list[np.ndarray], labels: list[np.ndarray], la
             stem = f"{city}_{i:06d}_000019"
             _write_rgb(raw / "leftImg8bit" / "train" / city / f"{stem}_leftImg8bit.png", img)
             _write_gray(raw / "gtFine" / "train" / city / f"{stem}_gtFine_labelIds.png", lut[lab])
-        ds = DatasetConfig(format="cityscapes", root=raw, split="train", n_class=19, workers=0)
+        ds = DatasetConfig(format="cityscapes", root=raw, split="train", n_class=19, workers=0, min_side=1)
     out = tmp / name
     prepare.run(PrepareConfig(dataset=ds, lab_stats=False), out)
     return out

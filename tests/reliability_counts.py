@@ -6,7 +6,8 @@
 Fault trials are the ids of ``test_kill_*`` in test_faults.py (one kill-and-rerun trial each, per step), plus
 the SLURM time-limit kill of tests/test_slurm.py (counted, not run here: it needs a SLURM controller); full-disk
 cases are the ``test_full_disk_*`` ids; bad-input cases every id of test_bad_inputs.py; security cases every
-id of test_security.py.
+id of test_security.py; output-folder cases the ids of test_outputs.py (a step's --out never deletes or
+overwrites what cpsl did not make); own-pair cases those of test_own_pair_checks.py and test_own_pair.py.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-FILES = ("tests/test_faults.py", "tests/test_bad_inputs.py", "tests/test_security.py")
+FILES = ("tests/test_faults.py", "tests/test_bad_inputs.py", "tests/test_security.py", "tests/test_outputs.py",
+         "tests/test_own_pair_checks.py", "tests/test_own_pair.py")
 SLURM_KILL = "tests/test_slurm.py::test_training_killed_at_its_time_limit_is_resubmitted_and_resumes"
 
 
@@ -45,6 +47,9 @@ def counts(ids: list[str]) -> dict[str, object]:
         "full-disk cases": sum("::test_full_disk_" in i for i in ids),
         "bad-input cases": sum(i.startswith("tests/test_bad_inputs.py::") for i in ids),
         "security cases": sum(i.startswith("tests/test_security.py::") for i in ids),
+        "output-folder cases": sum(i.startswith("tests/test_outputs.py::") for i in ids),
+        "own-pair cases": sum(i.startswith(("tests/test_own_pair_checks.py::", "tests/test_own_pair.py::"))
+                              for i in ids),
     }
 
 

@@ -225,7 +225,7 @@ def _(ctx: Ctx) -> str:
 @case("config-value-out-of-range", "prepare")
 def _(ctx: Ctx) -> str:
     _folder(ctx, n_class=300)
-    return f"{ctx.config_path}: dataset.n_class: must be in 1..254 (got 300)"
+    return f"{ctx.config_path}: dataset.n_class: must be in 1..255 (got 300)"
 
 
 @case("config-value-not-in-the-list", "prepare")

@@ -119,7 +119,7 @@ def test_images_too_small_for_the_network_are_named(tmp_path):
     Image.fromarray(np.zeros((6, 6), np.uint8)).save(root / "labels" / "train" / "im001.png")
     with pytest.raises(DataError, match=rf"^{root / 'images' / 'train' / 'im001.png'}: image is 6x6 \(HxW\), "
                                         r"smaller than the network takes \(its output, 1/8 of the image, would be a "
-                                        r"single pixel: at least 7 pixels on one side\)"):
+                                        r"single pixel: at least 7 pixels on one side, dataset.min_side\)"):
         _prep(root, tmp_path / "prep")
 
 

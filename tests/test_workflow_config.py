@@ -91,7 +91,7 @@ def test_resolution_writes_step_configs_only_when_changed(shipped, tmp_path):
     prep = yaml.safe_load(files["demo/prepare_target_val"].read_text())
     assert prep["dataset"] == {"format": "cityscapes", "root": str(tmp_path / "results/demo/synth/cityscapes"),
                                "split": "val", "n_class": 19, "allow_skip": False, "expected_size": None,
-                               "workers": 2}
+                               "workers": 2, "labels": True, "image_bits": 16, "min_side": 7}
     synth = files["demo/synth"]
     os.utime(synth, (1_000_000, 1_000_000))
     W.step_config_files(copy.deepcopy(shipped))           # unchanged: the file (and its mtime) stay

@@ -144,8 +144,10 @@ def test_changing_one_stage_setting_reruns_that_stage_and_its_dependents_only(de
         (demo_run / "tiny.yaml").write_text(yaml.safe_dump(TINY))
 
 
-def _paper_overlay(workdir: Path, roots: dict[str, str | None]) -> None:
+def _paper_overlay(workdir: Path, roots: dict[str, str | None], init: str | None = None) -> None:
     sets = {"gta5_cityscapes": {"datasets": {role: {"root": root} for role, root in roots.items()}}}
+    if init is not None:
+        sets["gta5_cityscapes"]["model"] = {"init": init}
     (workdir / "tiny.yaml").write_text(yaml.safe_dump({"experiment_settings": sets}))
 
 
@@ -155,6 +157,12 @@ def test_paper_preset_dry_run_lists_the_full_chain(tmp_path):
     for root in roots.values():
         Path(root).mkdir(exist_ok=True)
     _paper_overlay(tmp_path, roots)
+    # as shipped, the preset names no ImageNet file: one line, before any job (not 90,000 iterations from random)
+    res = snakemake(tmp_path, "-n", "--config", "experiments=[gta5_cityscapes]")
+    assert res.returncode == 1
+    assert ("cpsl-pipeline: error: experiment_settings.gta5_cityscapes.stages.source_only.model.init: not set for "
+            "a resnet101 (the paper's network)") in res.stderr
+    _paper_overlay(tmp_path, roots, init=str(tmp_path / "resnet101-5d3b4d8f.pth"))
     res = snakemake(tmp_path, "-n", "--config", "experiments=[gta5_cityscapes]")
     assert res.returncode == 0, res.stderr[-2000:]
     # prepare x3; source_only, warmup, oracle, stage1-3; pseudo-soft, prototypes, class-dist, pseudo-hard x2;

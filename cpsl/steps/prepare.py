@@ -41,12 +41,10 @@ from cpsl.config import PrepareConfig
 from cpsl.data import get_format
 from cpsl.data.common import Problem, Sample, decode_image, images_only, write_label_png
 from cpsl.errors import DataError
-from cpsl.models.deeplabv2 import output_size
 from cpsl.outputs import publish_dir, remove_path, remove_stale_staging
 
 MAX_LISTED_ON_STDERR = 50
 UNLABELLED = "-"  # list.txt's label column in an unlabelled split
-MIN_SIDE = 7   # the smallest image side whose network output (stride 8) is 2 pixels, so 7x1 is the smallest image
 
 
 @dataclass(frozen=True)
@@ -61,6 +59,7 @@ class _Job:
     label_dir: Path
     lab_stats: bool
     image_bits: int = 16
+    min_side: int = 7
 
 
 @dataclass(frozen=True)
@@ -138,9 +137,10 @@ def convert_sample(sample: Sample, job: _Job) -> _Converted | Problem:
     if job.expected_size is not None and (h, w) != job.expected_size:
         eh, ew = job.expected_size
         return Problem(sample.image, f"image is {h}x{w} (HxW), expected {eh}x{ew} (dataset.expected_size)")
-    if output_size(h) * output_size(w) < 2:
+    if max(h, w) < job.min_side:
         return Problem(sample.image, f"image is {h}x{w} (HxW), smaller than the network takes (its output, 1/8 "
-                                     f"of the image, would be a single pixel: at least {MIN_SIDE} pixels on one side)")
+                                     f"of the image, would be a single pixel: at least {job.min_side} pixels on one "
+                                     "side, dataset.min_side)")
     lab = lab_mean_std(image) if job.lab_stats else None
     if sample.label is None:
         return _Converted(sample.name, sample.image, h, w, None, lab, peak, labelled=False)
@@ -242,6 +242,7 @@ def run(cfg: PrepareConfig, out: Path) -> dict:
             label_dir=tmp / "labels",
             lab_stats=cfg.lab_stats,
             image_bits=ds.image_bits,
+            min_side=ds.min_side,
         )
         (tmp / "labels").mkdir()
         kept: list[_Converted] = []
