@@ -19,8 +19,9 @@ Sample dicts (collated by torch's default collate)::
     image        float (3, h, w) in [0, 1] (RGB / 255, no mean/std: the reference normalisation, spec 1.3)
     label        long (h, w), 255 = ignore          (when the dataset is built with label=True)
     index, name  position in the prepared split, sample name
-    weak_params  WeakParams.as_dict() (recover with transforms.weak_params_from_batch)
-    image_strong, strong_params   views=("weak", "strong"): the strong view of the weak crop (spec 1.6)
+    weak_params  WeakParams.as_dict() (recover with transforms.weak_params_from_batch); stays on the CPU
+    image_strong, strong_params   views=("weak", "strong"): the strong view of the weak crop (spec 1.6);
+                 strong_params stays on the CPU
     image_full   views containing "full": the whole unaugmented image, normalised the same way
     ...          whatever the optional ``extras(index, weak_params, sample)`` callable adds (pseudo labels)
 """
@@ -44,6 +45,9 @@ from cpsl.inference import image_to_tensor  # the one normalisation: RGB / 255, 
 from cpsl.train.dist import worker_init_fn
 
 VIEWS = ("weak", "strong", "full")
+# Batch entries that stay on the CPU when the batch moves to the device (``cpsl.train.loop.to_device``): the
+# augmentation records, which the methods read on the host (numpy) to build the warps of their maps.
+HOST_KEYS = frozenset({"weak_params", "strong_params"})
 STREAMS = {"source": 0, "target": 1}
 
 

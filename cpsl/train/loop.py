@@ -58,7 +58,7 @@ from cpsl.models.checkpoint import (capture_rng_state, load_checkpoint, make_che
                                     save_checkpoint)
 from cpsl.provenance import atomic_write_text
 from cpsl.train import dist as D
-from cpsl.train.data import _seed_int, build_datasets, build_loaders
+from cpsl.train.data import HOST_KEYS, _seed_int, build_datasets, build_loaders
 
 LAST = Path("checkpoints") / "last.pt"
 FINAL = "checkpoint.pt"
@@ -81,11 +81,12 @@ def _say(info: D.DistInfo, msg: str) -> None:
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) batch to ``device``."""
+    """Move every tensor in a (nested) batch to ``device``, except the entries named in ``HOST_KEYS`` (the
+    augmentation records, read on the host), which stay where they are."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: v if k in HOST_KEYS else to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device) for v in obj)
     return obj
