@@ -2,6 +2,8 @@
 
 ``torchrun --nproc_per_node N python -m cpsl train ...`` sets RANK / WORLD_SIZE / LOCAL_RANK; without them we
 run as a single process. Every rank gets ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU (gloo).
+The workflow runs a job with ``resources.<kind>.gpu`` >= 1 with ``CPSL_DEVICE=cuda``: ``device: auto`` then means
+``cuda``, so a GPU job never falls back to the CPU.
 """
 
 from __future__ import annotations
@@ -32,13 +34,17 @@ class DistInfo:
 
 
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
-    """``auto``: the local GPU if there is one, else the CPU. ``cpu`` / ``cuda`` force a choice."""
+    """``auto``: the local GPU if there is one, else the CPU (``cuda`` when the environment sets
+    ``CPSL_DEVICE=cuda``: a GPU job of the workflow). ``cpu`` / ``cuda`` force a choice."""
+    if preference == "auto":
+        preference = os.environ.get("CPSL_DEVICE") or "auto"
     if preference == "cpu":
         return torch.device("cpu")
     if preference in ("auto", "cuda") and torch.cuda.is_available():
         return torch.device("cuda", local_rank)
     if preference == "cuda":
-        raise RuntimeError("device: 'cuda' was requested but no CUDA device is visible")
+        raise RuntimeError("device: 'cuda' was requested but CUDA is not usable here (python -m cpsl.gpus 1 "
+                           "says why)")
     return torch.device("cpu")
 
 
