@@ -304,11 +304,12 @@ def contrastive_loss(anchors: Tensor, anchor_labels: Tensor, queue_feats: Tensor
 @torch.no_grad()
 def ema_update(ema: nn.Module, student: nn.Module, momentum: float) -> None:
     """``theta_ema = m theta_ema + (1 - m) theta`` for every parameter; buffers (BatchNorm running statistics,
-    counters) copied from the student, as the reference does."""
-    for pe, p in zip(ema.parameters(), student.parameters()):
-        pe.mul_(momentum).add_(p.detach(), alpha=1.0 - momentum)
-    for be, b in zip(ema.buffers(), student.buffers()):
-        be.copy_(b)
+    counters) copied from the student, as the reference does. Multi-tensor (``torch._foreach``) operations: a
+    few kernel launches per dtype instead of three per tensor on a GPU; the same arithmetic as one tensor at a time."""
+    ema_params, params = list(ema.parameters()), [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(ema_params, momentum)
+    torch._foreach_add_(ema_params, params, alpha=1.0 - momentum)
+    torch._foreach_copy_(list(ema.buffers()), list(student.buffers()))
 
 
 def sample_indices(keys: Tensor, valid: Tensor, n: int) -> Tensor:
