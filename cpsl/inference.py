@@ -38,7 +38,7 @@ from cpsl.config import InferenceSettings, ModelConfig
 from cpsl.data.common import publish_dir, read_image, remove_path, remove_stale_staging
 from cpsl.data.prepared import PreparedSplit
 from cpsl.errors import CheckpointError, ConfigError, DataError
-from cpsl.models import build_model
+from cpsl.models import build_model, place
 from cpsl.models.checkpoint import checkpoint_model_config, load_checkpoint, load_model_state
 from cpsl.provenance import atomic_write_text
 from cpsl.train import dist as D
@@ -63,7 +63,7 @@ def load_model_from_checkpoint(path: str | Path, device: torch.device | str = "c
     mcfg = checkpoint_model_config(state, path)
     model = build_model(mcfg)
     load_model_state(model, state["model"], path)
-    model.to(device).eval()
+    model = place(model, device).eval()
     return model, mcfg, state
 
 

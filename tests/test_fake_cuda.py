@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch.utils._pytree import tree_map
 
+from cpsl import inference
 from cpsl.config import (ClassDistConfig, EvaluateConfig, PrototypesConfig, PseudoHardConfig, PseudoSoftConfig,
                          TrainConfig, load)
 from cpsl.methods import Amp, TrainContext, build_method
@@ -57,8 +58,9 @@ def _pinned(batch):
 def _one_iteration(cfg: TrainConfig, prepare=None):
     """Build the method on fake CUDA, move one (pinned) batch there as the loop does, run one step."""
     with FakeCuda() as fc:
+        torch.backends.cudnn.benchmark = False
         method = build_method(cfg, _ctx())
-        assert method.student.conv1.weight.device == CUDA
+        _check_placed(method.student)
         if prepare is not None:
             prepare(method)
         loaders = build_loaders(cfg, build_datasets(cfg, method.domains, cfg.model.n_class), rank=0,
@@ -86,6 +88,15 @@ def _one_iteration(cfg: TrainConfig, prepare=None):
     assert set(fc.dtypes["conv"]) == {torch.bfloat16}, fc.dtypes["conv"]
     assert set(fc.dtypes["softmax"]) <= {torch.float32}, fc.dtypes["softmax"]
     return method, losses, counts, fc
+
+
+def _check_placed(model: torch.nn.Module) -> None:
+    """On CUDA: every 4-d weight in channels_last, cuDNN's autotuner on."""
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    assert weights and all(p.device == CUDA for p in model.parameters())
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
 
 
 def _check_syncs(key: str, fc: FakeCuda, counts: dict) -> None:
@@ -162,9 +173,45 @@ def test_inference_steps_on_fake_cuda(tiny, tmp_path, monkeypatch, step):
     cls, module = STEPS[step]
     cfg = cls(checkpoint=ckpt, data=data, device="cuda", amp=True, workers=0, progress=False, batch_size=1)
     monkeypatch.setattr(D, "setup", lambda preference="auto": DistInfo(0, 1, 0, CUDA))
+    models = []
+    load = inference.load_model_from_checkpoint
+    monkeypatch.setattr(inference, "load_model_from_checkpoint", lambda *a: models.append(load(*a)) or models[-1])
+    torch.backends.cudnn.benchmark = False
     with FakeCuda() as fc:
         module.run(cfg, tmp_path / "out")
+        _check_placed(models[0][0])
     assert set(fc.dtypes["conv"]) == {torch.bfloat16}, fc.dtypes["conv"]
     assert set(fc.dtypes["softmax"]) <= {torch.float32}, fc.dtypes["softmax"]
     assert fc.counts()["syncs"] == INFERENCE_SYNCS[step], f"{step}: {fc.counts()}, syncs by kind: {dict(fc.syncs)}"
     assert any(Path(tmp_path / "out").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multi-GPU settings (DDP itself replaced by a recorder: no process group on fake CUDA)
+
+
+def test_sync_bn_student_and_plain_bn_teacher_under_multi_gpu_ddp(pair_dir, monkeypatch):  # noqa: F811
+    """Stage 1 on 2 (fake) GPUs: the student has SyncBatchNorm and DDP does not broadcast its buffers; the EMA
+    teacher has plain BatchNorm (no collectives in its forward passes) with the student's weights."""
+    wrapped = []
+
+    class DDP(torch.nn.Module):
+        def __init__(self, module, **kwargs):
+            super().__init__()
+            self.module, self.kwargs = module, kwargs
+            wrapped.append(self)
+
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", DDP)
+    cfg = load(TrainConfig, stage1_dict(pair_dir))
+    with FakeCuda():
+        method = build_method(cfg, TrainContext(CUDA, DistInfo(0, 2, 0, CUDA), Amp("bf16", CUDA)))
+        torch.backends.cudnn.benchmark = False
+        sync = [m for m in method.student.modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+        assert len(sync) > 10
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in method.ema.modules())
+        assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in method.ema.modules()) == len(sync)
+        assert method.ema.state_dict().keys() == method.student.state_dict().keys()
+        for (k, a), b in zip(method.ema.state_dict().items(), method.student.state_dict().values()):
+            assert torch.equal(a.elem, b.elem), k
+    assert [w.module for w in wrapped] == [method.student]
+    assert wrapped[0].kwargs == {"device_ids": [0], "broadcast_buffers": False}

@@ -18,7 +18,7 @@ from torch import nn
 
 from cpsl.config import TrainConfig
 from cpsl.errors import CheckpointError
-from cpsl.models import build_model, convert_sync_bn, freeze_bn
+from cpsl.models import build_model, convert_sync_bn, freeze_bn, place
 from cpsl.models.checkpoint import check_model_fits, load_checkpoint, load_model_state
 from cpsl.train.dist import DistInfo
 from cpsl.train.optim import build_sgd, poly_scheduler
@@ -69,16 +69,20 @@ class TrainContext:
     amp: Amp
 
     def wrap(self, module: nn.Module) -> nn.Module:
-        """``module`` wrapped in DistributedDataParallel under torchrun (world size > 1); else itself."""
+        """``module`` wrapped in DistributedDataParallel under torchrun (world size > 1); else itself. With
+        SyncBatchNorm the BatchNorm statistics are the same on every rank already, so DDP does not broadcast
+        rank 0's buffers before every forward pass (``broadcast_buffers=False``)."""
         if not self.dist.distributed:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        sync_bn = any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=not sync_bn)
 
 
 def build_student(cfg: TrainConfig, ctx: TrainContext) -> nn.Module:
     """The segmentation network: ``model.init`` weights or ``init_checkpoint``, SyncBN under multi-GPU DDP
-    (``model.sync_bn``), frozen BatchNorm when ``freeze_bn``, on the run's device."""
+    (``model.sync_bn``), frozen BatchNorm when ``freeze_bn``, on the run's device (``place``: channels_last on
+    CUDA)."""
     model = build_model(cfg.model)
     if cfg.init_checkpoint is not None:
         state = load_checkpoint(cfg.init_checkpoint)
@@ -88,7 +92,7 @@ def build_student(cfg: TrainConfig, ctx: TrainContext) -> nn.Module:
         model = convert_sync_bn(model)
     if cfg.freeze_bn:
         freeze_bn(model)
-    return model.to(ctx.device)
+    return place(model, ctx.device)
 
 
 def student_init(cfg: TrainConfig) -> str:

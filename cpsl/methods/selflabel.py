@@ -72,7 +72,7 @@ from cpsl.labels import IGNORE_INDEX
 from cpsl.methods.base import Method, TrainContext, set_requires_grad
 from cpsl.methods.losses import seg_cross_entropy, upsample
 from cpsl.methods.sinkhorn import PixelQueue, safe_normalize, self_label_loss
-from cpsl.models import freeze_bn
+from cpsl.models import freeze_bn, revert_sync_bn
 from cpsl.train.data import _seed_int
 from cpsl.train.dist import all_gather_cat
 from cpsl.train.optim import build_sgd, poly_scheduler
@@ -350,7 +350,9 @@ class SelfLabel(Method):
         self.domains = {"source": {"label": True},
                         "target": {"label": False, "views": ("weak", "strong", "full"), "extras": extras}}
 
-        self.ema = copy.deepcopy(self.student)
+        # plain BatchNorm in the teacher: it labels each rank's own images, with no collectives (SyncBN would
+        # all_gather in every BatchNorm layer of every train-mode forward)
+        self.ema = revert_sync_bn(copy.deepcopy(self.student))
         set_requires_grad(self.ema, False)
         self.nets["ema_model"] = self.ema
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from cpsl.methods.base import Method, set_requires_grad
 from cpsl.methods.losses import SOURCE_LABEL, TARGET_LABEL, gan_loss, seg_cross_entropy, upsample
-from cpsl.models import build_discriminator
+from cpsl.models import build_discriminator, place
 from cpsl.train.optim import poly_scheduler
 
 
@@ -35,7 +35,7 @@ class Warmup(Method):
         super().__init__(cfg, ctx)
         self.domains = {"source": {"label": True}, "target": {"label": False}}
         w = cfg.warmup
-        self.disc = build_discriminator(cfg.model.n_class, w.disc_width).to(ctx.device)
+        self.disc = place(build_discriminator(cfg.model.n_class, w.disc_width), ctx.device)
         self.disc_net = ctx.wrap(self.disc)
         self.disc_optimizer = torch.optim.Adam([{"name": "disc", "params": list(self.disc.parameters())}],
                                                lr=w.disc_lr, betas=(w.disc_betas[0], w.disc_betas[1]))
