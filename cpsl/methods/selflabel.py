@@ -44,11 +44,13 @@ Where we differ from the reference on purpose (spec 7, 9), and the switches that
   The reference draws one pixel permutation per batch; we draw one per image;
 * losses averaged over pixels are averaged over the valid pixels of the *global* batch (as DataParallel does);
 * the student's weak and strong forward passes each get their own backward (the same gradient as one backward
-  of the sum; less memory, and DDP-friendly).
+  of the sum; less memory); under DDP all but the last accumulate locally (``no_sync``), so the gradients are
+  all-reduced once per iteration.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
@@ -74,7 +76,7 @@ from cpsl.methods.losses import seg_cross_entropy, upsample
 from cpsl.methods.sinkhorn import PixelQueue, safe_normalize, self_label_loss
 from cpsl.models import freeze_bn, revert_sync_bn
 from cpsl.train.data import _seed_int
-from cpsl.train.dist import all_gather_cat
+from cpsl.train.dist import all_gather_cat, all_reduce_mean_
 from cpsl.train.optim import build_sgd, poly_scheduler
 
 RCE_LOG_CLAMP = 1e-4     # log clamp(onehot, 1e-4, 1): -log(1e-4) = 9.2103 per unit of wrong-class mass
@@ -402,6 +404,11 @@ class SelfLabel(Method):
         keys_queue = torch.rand(b_global, qh * qw, generator=gen)[rank * b:(rank + 1) * b].to(self.ctx.device)
         keys_anchor = torch.rand(b_global, qh * qw, generator=gen)[rank * b:(rank + 1) * b].to(self.ctx.device)
         self.optimizer.zero_grad(set_to_none=True)
+        # under DDP, the backward passes before the last one accumulate their gradients locally (no_sync): one
+        # all-reduce of the sum per iteration instead of one per backward pass
+        local = contextlib.ExitStack()
+        if isinstance(self.net, nn.parallel.DistributedDataParallel):
+            local.enter_context(self.net.no_sync())
 
         # 1. source cross-entropy, backward at once
         with self.amp.autocast():
@@ -432,6 +439,8 @@ class SelfLabel(Method):
             q_feats, q_logits, q_labels = (all_gather_cat(t.contiguous()) for t in (q_feats, q_logits, q_labels))
 
         # 2 + 5. CutMix and the student on the weak crop: L_CTS
+        if sl.consist_weight <= 0:
+            local.close()  # the last backward of the iteration
         x = tgt["image"]
         train_labels = labels
         if cutmix:
@@ -467,6 +476,7 @@ class SelfLabel(Method):
                 warped, valid = warp_maps_batch(torch.cat([teacher, in_crop], 1),
                                                 strong_params_from_batch(tgt["strong_params"]))
                 teacher, valid = warped[:, :-1], valid & (warped[:, -1] > 0.5)
+            local.close()  # the last backward of the iteration
             with self.amp.autocast():
                 ss = self.net(tgt["image_strong"])
             feat_s = F.interpolate(ss["feat"].float(), size=self.quarter, mode="bilinear", align_corners=False)
@@ -476,7 +486,10 @@ class SelfLabel(Method):
             self.amp.backward(sl.consist_weight * l_cons + 0.0 * ss["out"].float().sum())
             del ss
 
-        # 9. optimizer step, then the EMAs
+        # 9. optimizer step, then the EMAs. P is outside DDP: average its gradient over the ranks (they agree as
+        # long as every rank computes the same L_SL; this keeps them together if they ever do not)
+        if self.prototypes.grad is not None:
+            all_reduce_mean_(self.prototypes.grad)
         self.amp.step(self.optimizer)
         m = sl.ema_momentum
         ema_update(self.ema, self.student, m)
