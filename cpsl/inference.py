@@ -44,12 +44,24 @@ from cpsl.provenance import atomic_write_text
 from cpsl.train import dist as D
 
 
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) RGB -> float32 (3, H, W) in [0, 1] (the reference normalisation: RGB / 255)."""
+def image_to_uint8_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) RGB -> uint8 (3, H, W), a quarter of the float32 bytes to carry (normalise it where it is
+    used, with ``normalize_image``)."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {image.dtype} {image.shape}")
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def normalize_image(image: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (..., 3, H, W) on any device -> float32 in [0, 1]: the reference normalisation, RGB / 255 (no
+    mean/std). The one place this normalisation is written."""
+    return image.float().div_(255.0)
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) RGB -> float32 (3, H, W) in [0, 1] (the reference normalisation: RGB / 255)."""
+    return normalize_image(image_to_uint8_tensor(image))
 
 
 def load_model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"

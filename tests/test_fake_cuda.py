@@ -87,7 +87,7 @@ def _one_iteration(cfg: TrainConfig, prepare=None):
         assert isinstance(loss, FakeCudaTensor) and loss.dim() == 0 and loss.dtype == torch.float32
     assert set(fc.dtypes["conv"]) == {torch.bfloat16}, fc.dtypes["conv"]
     assert set(fc.dtypes["softmax"]) <= {torch.float32}, fc.dtypes["softmax"]
-    return method, losses, counts, fc
+    return method, losses, counts, fc, batch
 
 
 def _check_placed(model: torch.nn.Module) -> None:
@@ -108,7 +108,7 @@ def _check_syncs(key: str, fc: FakeCuda, counts: dict) -> None:
 def test_base_stages_one_iteration_on_fake_cuda(pair_dir, stage):  # noqa: F811
     over = {"data.source": None} if stage == "oracle" else {}
     cfg = load(TrainConfig, train_dict(pair_dir, stage, **over))
-    method, losses, counts, fc = _one_iteration(cfg)
+    method, losses, counts, fc, batch = _one_iteration(cfg)
     _check_syncs(stage, fc, counts)
 
 
@@ -118,7 +118,7 @@ def test_distill_stages_one_iteration_on_fake_cuda(pair_dir, stage1, stage, tmp_
     if stage == "stage3":  # the stage-2 model (bn_pretrain, like the student)
         over["init_checkpoint"] = str(_tiny_checkpoint(tmp_path / "stage2.pt", bn_pretrain=True))
     cfg = load(TrainConfig, _distill_dict(pair_dir, stage1, stage, **over))
-    method, losses, counts, fc = _one_iteration(cfg)
+    method, losses, counts, fc, batch = _one_iteration(cfg)
     assert set(losses) == {"ce_source", "ce_pseudo", "kd"}
     _check_syncs(stage, fc, counts)
 
@@ -138,8 +138,9 @@ def test_stage1_one_iteration_on_fake_cuda(pair_dir, case):  # noqa: F811
     """Stage 1 reads its augmentation records (weak/strong params) on the host: they must stay on the CPU."""
     contrast = case == "stage1_contrast"
     cfg = load(TrainConfig, stage1_dict(pair_dir, **{"selflabel.cutmix_p": 0.0 if contrast else 1.0}))
-    method, losses, counts, fc = _one_iteration(cfg, _fill_queue if contrast else None)
+    method, losses, counts, fc, batch = _one_iteration(cfg, _fill_queue if contrast else None)
     assert losses["cutmix"] == (0.0 if contrast else 1.0)
+    assert batch["target"]["image_full"].dtype == torch.uint8   # a quarter of float32's bytes to copy
     assert (losses["contrast"] > 0) == contrast
     _check_syncs(case, fc, counts)
 

@@ -14,7 +14,7 @@ from cpsl.errors import CheckpointError, ConfigError
 from cpsl.methods import Amp, TrainContext, build_method, source_only
 from cpsl.models.checkpoint import load_checkpoint, save_checkpoint
 from cpsl.train import loop
-from cpsl.train.data import InfiniteSampler, build_datasets, build_loaders
+from cpsl.train.data import InfiniteSampler, build_datasets, build_loaders, make_loader, workers_per_rank
 from cpsl.train.dist import DistInfo
 from cpsl.train.loop import TrainingError, train
 from tests.train_helpers import (max_weight_diff, one_thread, pair_dir, train_config, train_dict,  # noqa: F401
@@ -128,6 +128,28 @@ def test_batches_do_not_depend_on_the_worker_count(pair_dir):  # noqa: F811
     assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0
     assert b["label"].shape == (2, 32, 64) and b["label"].dtype == torch.int64
     assert b["weak_params"]["crop"].shape == (2, 4) and b["strong_params"]["matrices"].shape[0] == 2
+
+
+class _OpenCVThreads(torch.utils.data.Dataset):
+    """Reports the OpenCV thread count of the process that loads the item."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, item):
+        import cv2
+
+        return cv2.getNumThreads()
+
+
+def test_workers_are_per_job_and_run_one_opencv_thread(pair_dir):  # noqa: F811
+    assert [workers_per_rank(w, n) for w, n in ((0, 4), (6, 1), (6, 4), (2, 4), (8, 4))] == [0, 6, 1, 1, 2]
+    cfg = train_config(pair_dir, "warmup", **{"data.workers": 4, "data.batch_size": 2})
+    datasets = build_datasets(cfg, {"source": {"label": True}, "target": {"label": False}}, 4)
+    loaders = build_loaders(cfg, datasets, rank=1, world_size=2, start_iter=0)
+    assert {d: ld.num_workers for d, ld in loaders.items()} == {"source": 2, "target": 2}   # 4 per loader per job
+    loader = make_loader(_OpenCVThreads(), InfiniteSampler(4, 2, seed=0), workers=1, seed=0)
+    assert next(iter(loader)).tolist() == [1, 1]
 
 
 def test_train_config_validation(pair_dir):  # noqa: F811

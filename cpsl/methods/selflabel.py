@@ -70,6 +70,7 @@ from cpsl.data.pseudo import load_soft, soft_path
 from cpsl.data.transforms import (WeakParams, full_to_weak, full_to_weak_batch, strong_params_from_batch,
                                   warp_maps_batch, weak_params_from_batch)
 from cpsl.errors import CheckpointError, ConfigError, DataError
+from cpsl.inference import normalize_image
 from cpsl.labels import IGNORE_INDEX
 from cpsl.methods.base import Method, TrainContext, set_requires_grad
 from cpsl.methods.losses import seg_cross_entropy, upsample
@@ -421,7 +422,7 @@ class SelfLabel(Method):
         weak = weak_params_from_batch(tgt["weak_params"])
         with torch.no_grad():
             with self.amp.autocast():
-                ema_out = self.ema(tgt["image_full"])
+                ema_out = self.ema(normalize_image(tgt["image_full"]))
             ema_feat, ema_logits = ema_out["feat"].float(), ema_out["out"].float()
             f_weak = full_to_weak_batch(ema_feat, weak, self.quarter)
             labels, _ = rectify(tgt["soft"], f_weak, self.prototypes_ema, sl.tau, sl.train_threshold)

@@ -104,8 +104,13 @@ def seed_everything(seed: int) -> None:
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """DataLoader worker seeding: Python and NumPy follow torch's per-worker seed (itself derived from the
-    loader's generator), so augmentations are reproducible for a given seed, rank and worker count."""
+    """DataLoader worker setup. Seeding: Python and NumPy follow torch's per-worker seed (itself derived from the
+    loader's generator), so augmentations are reproducible for a given seed, rank and worker count. Threads: one
+    OpenCV thread per worker (torch already runs one in each); the workers are the parallelism, and OpenCV's own
+    pool in each of them would oversubscribe the job's CPUs."""
+    import cv2
+
+    cv2.setNumThreads(1)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
