@@ -160,16 +160,6 @@ def all_reduce_(t: torch.Tensor, info: D.DistInfo) -> torch.Tensor:
     return t
 
 
-def _broadcast_str(value: str, info: D.DistInfo) -> str:
-    if not info.distributed:
-        return value
-    import torch.distributed as tdist
-
-    obj = [value]
-    tdist.broadcast_object_list(obj, src=0)
-    return obj[0]
-
-
 @contextlib.contextmanager
 def staged_dir(out: str | Path, info: D.DistInfo) -> Iterator[Path]:
     """A hidden folder next to ``out`` that all ranks write into; renamed to ``out`` (replacing it) on success.
@@ -178,7 +168,7 @@ def staged_dir(out: str | Path, info: D.DistInfo) -> Iterator[Path]:
     killed (no cleanup code runs) is removed by the next run.
     """
     out = Path(os.path.abspath(out))
-    name = _broadcast_str(f".{out.name}.tmp-{os.getpid()}", info)
+    name = D.broadcast_object(f".{out.name}.tmp-{os.getpid()}")
     tmp = out.parent / name
     if info.is_main:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -215,4 +215,4 @@ def test_sync_bn_student_and_plain_bn_teacher_under_multi_gpu_ddp(pair_dir, monk
         for (k, a), b in zip(method.ema.state_dict().items(), method.student.state_dict().values()):
             assert torch.equal(a.elem, b.elem), k
     assert [w.module for w in wrapped] == [method.student]
-    assert wrapped[0].kwargs == {"device_ids": [0], "broadcast_buffers": False}
+    assert wrapped[0].kwargs == {"device_ids": [0], "forward_sync_buffers": False}

@@ -71,12 +71,14 @@ class TrainContext:
     def wrap(self, module: nn.Module) -> nn.Module:
         """``module`` wrapped in DistributedDataParallel under torchrun (world size > 1); else itself. With
         SyncBatchNorm the BatchNorm statistics are the same on every rank already, so DDP does not broadcast
-        rank 0's buffers before every forward pass (``broadcast_buffers=False``)."""
+        rank 0's buffers before every forward pass (``forward_sync_buffers=False``, torch's new name for
+        ``broadcast_buffers=False``; the buffers are still synced once, when wrapping)."""
         if not self.dist.distributed:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
         sync_bn = any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=not sync_bn)
+        extra = {"forward_sync_buffers": False} if sync_bn else {}
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, **extra)
 
 
 def build_student(cfg: TrainConfig, ctx: TrainContext) -> nn.Module:

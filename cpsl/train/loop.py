@@ -250,6 +250,25 @@ def _check_finite(method: Method, done: int, last_path: Path, last_saved: int | 
                             f"{_last_good(last_path, last_saved)}")
 
 
+def _on_main_rank(info: D.DistInfo, what: str, write: Any) -> None:
+    """Run ``write()`` (files: checkpoints, summary) on rank 0 only, and tell every rank how it went: if it failed,
+    every rank stops with the same one-line CheckpointError (under DDP the others would otherwise wait in their
+    next collective until the NCCL timeout). A failure that is not a CpslError or OSError (a bug) keeps its
+    traceback on rank 0."""
+    error, exc = None, None
+    if info.is_main:
+        try:
+            write()
+        except Exception as err:  # noqa: BLE001 - the other ranks must hear of any failure
+            exc = err
+            error = str(err) if isinstance(err, CpslError) else f"{what}: {type(err).__name__}: {err}"
+    error = D.broadcast_object(error)
+    if exc is not None and not isinstance(exc, (CpslError, OSError)):
+        raise exc
+    if error is not None:
+        raise CheckpointError(" ".join(error.split())) from exc
+
+
 def _resumable_state(method: Method, cfg: TrainConfig, iteration: int, amp: Amp,
                      rng_states: list[dict[str, Any]], inputs: dict[str, str]) -> dict[str, Any]:
     """The resumable checkpoint (``checkpoints/last.pt``) after ``iteration`` finished iterations."""
@@ -366,8 +385,8 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
             if done % cfg.checkpoint_interval == 0 and done < cfg.max_iters:
                 _check_finite(method, done, last_path, last_saved)
                 rng_states = gather_rng_states()
-                if info.is_main:
-                    save_checkpoint(last_path, _resumable_state(method, cfg, done, amp, rng_states, inputs))
+                _on_main_rank(info, f"writing {last_path}", lambda: save_checkpoint(
+                    last_path, _resumable_state(method, cfg, done, amp, rng_states, inputs)))
                 last_saved = done
     finally:
         bar.close()
@@ -382,9 +401,10 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     _check_finite(method, cfg.max_iters, last_path, last_saved)
     if last_saved != cfg.max_iters:  # all ranks: gathering the RNG states is a collective
         rng_states = gather_rng_states()
-        if info.is_main:
-            save_checkpoint(last_path, _resumable_state(method, cfg, cfg.max_iters, amp, rng_states, inputs))
-    if info.is_main:
+        _on_main_rank(info, f"writing {last_path}", lambda: save_checkpoint(
+            last_path, _resumable_state(method, cfg, cfg.max_iters, amp, rng_states, inputs)))
+
+    def write_final() -> None:
         final = make_checkpoint(method.student, cfg.model, iteration=cfg.max_iters, config=to_dict(cfg),
                                 seed=cfg.seed, rng=capture_rng_state(),
                                 extra={"stage": cfg.stage, **method.describe()},
@@ -393,5 +413,7 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
         # last.pt (now at max_iters) is kept: if the job is killed before it exits (a time limit), Snakemake
         # deletes checkpoint.pt as a failed output, and the rerun rebuilds it from last.pt without retraining
         atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+
+    _on_main_rank(info, f"writing {out / FINAL}", write_final)
     D.barrier()
     return summary
