@@ -1,7 +1,8 @@
 """What every training method shares: the run context (device, processes, AMP), the student, the interface.
 
 A method owns its networks, optimizers and schedulers and does a whole iteration in ``step(batch)``: forward
-passes, losses, backward passes and optimizer steps (one or several), returning the loss values as floats.
+passes, losses, backward passes and optimizer steps (one or several), returning the loss values as detached 0-d
+tensors on the device (the loop reads them on the host only when it logs; plain numbers for host-side flags).
 The loop (``cpsl.train.loop``) steps the schedulers, logs, checks for NaN and checkpoints. ``state_dict`` /
 ``load_state_dict`` give the checkpoint entries (cpsl.models.checkpoint keys: ``model``, ``optimizer``,
 ``scheduler``, ``discriminator``, ``disc_optimizer``, ...).
@@ -148,7 +149,8 @@ class Method:
         if self.cfg.freeze_bn:
             freeze_bn(self.student)
 
-    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, float]:
+    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """One iteration; ``{name: detached 0-d loss tensor, or a number}``."""
         raise NotImplementedError
 
     def lrs(self) -> dict[str, float]:

@@ -77,7 +77,7 @@ from cpsl.methods.losses import seg_cross_entropy, upsample
 from cpsl.methods.sinkhorn import PixelQueue, safe_normalize, self_label_loss
 from cpsl.models import freeze_bn, revert_sync_bn
 from cpsl.train.data import _seed_int
-from cpsl.train.dist import all_gather_cat, all_reduce_mean_
+from cpsl.train.dist import all_gather_cat, all_reduce_mean_, host_to_device
 from cpsl.train.optim import build_sgd, poly_scheduler
 
 RCE_LOG_CLAMP = 1e-4     # log clamp(onehot, 1e-4, 1): -log(1e-4) = 9.2103 per unit of wrong-class mass
@@ -199,7 +199,7 @@ def cutmix_labels(labels: Tensor, source_label: Tensor, box: tuple[int, int, int
     """
     h, w = labels.shape[-2:]
     hh, ww = source_label.shape[-2:]
-    ys, xs = grid_centres(h, hh).to(labels.device), grid_centres(w, ww).to(labels.device)
+    ys, xs = host_to_device(grid_centres(h, hh), labels.device), host_to_device(grid_centres(w, ww), labels.device)
     y1, x1, y2, x2 = box
     inside = ((ys >= y1) & (ys < y2))[:, None] & ((xs >= x1) & (xs < x2))[None, :]
     pasted = source_label[:, ys][:, :, xs].to(labels.dtype)
@@ -392,7 +392,7 @@ class SelfLabel(Method):
     def _world(self) -> tuple[int, int]:
         return self.ctx.dist.rank, self.ctx.dist.world_size
 
-    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, float]:
+    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, Any]:
         sl = self.cfg.selflabel
         src, tgt = batch["source"], batch["target"]
         rank, world = self._world()
@@ -402,8 +402,10 @@ class SelfLabel(Method):
         cutmix = bool(torch.rand(1, generator=gen).item() < sl.cutmix_p)
         box = rand_bbox(tuple(tgt["image"].shape[-2:]), gen)
         qh, qw = self.quarter
-        keys_queue = torch.rand(b_global, qh * qw, generator=gen)[rank * b:(rank + 1) * b].to(self.ctx.device)
-        keys_anchor = torch.rand(b_global, qh * qw, generator=gen)[rank * b:(rank + 1) * b].to(self.ctx.device)
+        keys_queue = host_to_device(torch.rand(b_global, qh * qw, generator=gen)[rank * b:(rank + 1) * b],
+                                    self.ctx.device)
+        keys_anchor = host_to_device(torch.rand(b_global, qh * qw, generator=gen)[rank * b:(rank + 1) * b],
+                                     self.ctx.device)
         self.optimizer.zero_grad(set_to_none=True)
         # under DDP, the backward passes before the last one accumulate their gradients locally (no_sync): one
         # all-reduce of the sum per iteration instead of one per backward pass
@@ -498,8 +500,8 @@ class SelfLabel(Method):
             self.prototypes_ema.mul_(m).add_(self.prototypes.detach(), alpha=1.0 - m)
 
         total = l_cts + sl.consist_weight * l_cons + sl.sl_weight * l_sl + sl.contrast_weight * l_con
-        return {"ce_source": ce_src.item(), "cts": l_cts.item(), "consist": l_cons.item(), "sl": l_sl.item(),
-                "contrast": float(l_con.item()), "loss": total.item(), "cutmix": float(cutmix)}
+        return {"ce_source": ce_src.detach(), "cts": l_cts.detach(), "consist": l_cons.detach(),
+                "sl": l_sl.detach(), "contrast": l_con.detach(), "loss": total.detach(), "cutmix": float(cutmix)}
 
     def _contrastive(self, student_feat: Tensor, labels: Tensor, keys: Tensor, gen: torch.Generator | None,
                      stretched: Tensor | None) -> Tensor:

@@ -71,7 +71,7 @@ class Warmup(Method):
             kind = self.cfg.warmup.gan
             return gan_loss(d_out[:n], SOURCE_LABEL, kind) + gan_loss(d_out[n:], TARGET_LABEL, kind)
 
-    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, float]:
+    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, Any]:
         losses, ps, pt = self.generator_losses(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.amp.backward(losses["ce_source"] + self.cfg.warmup.adv_weight * losses["adv"])
@@ -81,4 +81,4 @@ class Warmup(Method):
         self.disc_optimizer.zero_grad(set_to_none=True)
         self.amp.backward(disc)
         self.amp.step(self.disc_optimizer)
-        return {"ce_source": losses["ce_source"].item(), "adv": losses["adv"].item(), "disc": disc.item()}
+        return {"ce_source": losses["ce_source"].detach(), "adv": losses["adv"].detach(), "disc": disc.detach()}

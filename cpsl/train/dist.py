@@ -49,6 +49,15 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def host_to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A tensor built on the host each iteration (random keys, sampling grids, masks) on ``device``, without making
+    the host wait: on CUDA through pinned memory with ``non_blocking`` (a copy from pageable memory blocks the
+    host until the device has caught up); anywhere else a plain ``.to``, so CPU results are unchanged."""
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def setup(preference: str = "auto") -> DistInfo:
     """Join the process group when launched by torchrun; otherwise describe the single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
