@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from cpsl.config import DatasetConfig, PrepareConfig, TrainConfig, load  # noqa: E402
 from cpsl.data.pseudo import load_soft, quantize_soft, save_soft, soft_path  # noqa: E402
 from cpsl.data.transforms import WeakParams  # noqa: E402
+from cpsl.inference import normalize_image  # noqa: E402
 from cpsl.methods import Amp, TrainContext  # noqa: E402
 from cpsl.methods.selflabel import SelfLabel, SoftLabelExtras  # noqa: E402
 from cpsl.steps import prepare  # noqa: E402
@@ -191,7 +192,7 @@ def part2(base: Path, source: Path, target: Path, iters: int) -> dict:
     method.optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         t0 = time.perf_counter()
-        method.ema(batch["target"]["image_full"])
+        method.ema(normalize_image(batch["target"]["image_full"]))
         ema_f = time.perf_counter() - t0
     print(f"  student forward+backward 512x896: {student_fb:.1f} s; EMA forward 1024x2048: {ema_f:.1f} s", flush=True)
     return {"student_forward_backward_s": student_fb, "ema_forward_full_s": ema_f,

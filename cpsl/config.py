@@ -405,8 +405,9 @@ class TrainDataConfig:
     oracle, which trains on its labels. Weak augmentation (spec 1.5): RandomSized scales the image to a width
     of ``U(scale) * resize`` keeping its aspect ratio (``resize: null`` = image width * 2200/2048, the
     reference's setting relative to 2048-wide images), then RandomCrop ``crop`` = [height, width], then a
-    horizontal flip with probability ``flip``. ``batch_size`` is the global batch (split over DDP ranks).
-    ``lab_transfer``: CPSL's LAB colour transfer of every source image to the statistics of a random target
+    horizontal flip with probability ``flip``. ``batch_size`` is the global batch (split over DDP ranks), and so
+    is ``workers``: the DataLoader worker processes of each loader for the whole job, ``workers // ranks`` (at
+    least 1) per rank. ``lab_transfer``: CPSL's LAB colour transfer of every source image to the statistics of a random target
     image (spec 1.4; needs the target split prepared with lab_stats); on in the paper presets.
     ``random_colors``: redraw the colours of every labelled training image (channel order, inversion, gain,
     gamma, greyscale, blur, noise: ``transforms.random_colors``), so that the network learns shape and layout

@@ -38,19 +38,31 @@ from cpsl.config import InferenceSettings, ModelConfig
 from cpsl.data.common import read_image
 from cpsl.data.prepared import PreparedSplit
 from cpsl.errors import CheckpointError, ConfigError, DataError
-from cpsl.models import build_model
+from cpsl.models import build_model, place
 from cpsl.models.checkpoint import checkpoint_model_config, load_checkpoint, load_model_state
 from cpsl.outputs import publish_dir, remove_path, remove_stale_staging
 from cpsl.provenance import atomic_write_text
 from cpsl.train import dist as D
 
 
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) RGB -> float32 (3, H, W) in [0, 1] (the reference normalisation: RGB / 255)."""
+def image_to_uint8_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) RGB -> uint8 (3, H, W), a quarter of the float32 bytes to carry (normalise it where it is
+    used, with ``normalize_image``)."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected a uint8 (H, W, 3) RGB image, got {image.dtype} {image.shape}")
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def normalize_image(image: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (..., 3, H, W) on any device -> float32 in [0, 1]: the reference normalisation, RGB / 255 (no
+    mean/std). The one place this normalisation is written."""
+    return image.float().div_(255.0)
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) RGB -> float32 (3, H, W) in [0, 1] (the reference normalisation: RGB / 255)."""
+    return normalize_image(image_to_uint8_tensor(image))
 
 
 def load_model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"
@@ -64,7 +76,7 @@ def load_model_from_checkpoint(path: str | Path, device: torch.device | str = "c
     mcfg = checkpoint_model_config(state, path)
     model = build_model(mcfg)
     load_model_state(model, state["model"], path)
-    model.to(device).eval()
+    model = place(model, device).eval()
     return model, mcfg, state
 
 
@@ -149,16 +161,6 @@ def all_reduce_(t: torch.Tensor, info: D.DistInfo) -> torch.Tensor:
     return t
 
 
-def _broadcast_str(value: str, info: D.DistInfo) -> str:
-    if not info.distributed:
-        return value
-    import torch.distributed as tdist
-
-    obj = [value]
-    tdist.broadcast_object_list(obj, src=0)
-    return obj[0]
-
-
 @contextlib.contextmanager
 def staged_dir(out: str | Path, info: D.DistInfo, step: str) -> Iterator[Path]:
     """A hidden folder next to ``out`` that all ranks write into; renamed to ``out`` (replacing an earlier ``out``
@@ -168,7 +170,7 @@ def staged_dir(out: str | Path, info: D.DistInfo, step: str) -> Iterator[Path]:
     killed (no cleanup code runs) is removed by the next run.
     """
     out = Path(os.path.abspath(out))
-    name = _broadcast_str(f".{out.name}.tmp-{os.getpid()}", info)
+    name = D.broadcast_object(f".{out.name}.tmp-{os.getpid()}")
     tmp = out.parent / name
     if info.is_main:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -563,12 +563,9 @@ def rule_resources(config: dict, kind: str, exp: str | None = None) -> dict[str,
         raise ValueError(f"unknown rule kind {kind!r} (known: {', '.join(RULE_KINDS)})")
     res = dict(DEFAULT_RESOURCES)
     res.update((config.get("resources") or {}).get(kind) or {})
-    key = f"resources.{kind}"
+    key = resource_key(config, kind, exp)
     if exp is not None:
-        over = (experiment_settings(config, exp).get("resources") or {}).get(kind) or {}
-        if over:
-            res.update(over)
-            key = f"experiment_settings.{exp}.resources.{kind}"
+        res.update((experiment_settings(config, exp).get("resources") or {}).get(kind) or {})
     if kind != "train" and res["gpu"] > 1:
         raise ConfigError(f"config: {key}.gpu: {res['gpu']}: only training runs on several GPUs (use 0 or 1)")
     return res
@@ -584,25 +581,37 @@ def check_resources(config: dict) -> dict[str, dict[str, int]]:
     return out
 
 
-def step_command(python: str, step: str, threads: int, gpu: int) -> str:
-    """The shell command, without ``--config``/``--out``, that runs ``cpsl <step>`` with ``threads`` CPU threads
-    on ``gpu`` GPUs.
+def resource_key(config: dict, kind: str, exp: str | None = None) -> str:
+    """The config key that sets the resources of a rule kind: ``experiment_settings.<exp>.resources.<kind>`` when
+    the experiment overrides them, else ``resources.<kind>``."""
+    if exp is not None and ((experiment_settings(config, exp).get("resources") or {}).get(kind) or {}):
+        return f"experiment_settings.{exp}.resources.{kind}"
+    return f"resources.{kind}"
 
-    gpu 0 hides every GPU (``CUDA_VISIBLE_DEVICES=``), so the step runs on the CPU; gpu 1 runs one process (on the
-    first visible GPU); gpu > 1 (training only) first checks that that many GPUs are visible (``python -m
-    cpsl.gpus N``: a one-line error naming resources.gpu and CUDA_VISIBLE_DEVICES otherwise), then starts one
-    process per GPU with torchrun (``python -m torch.distributed.run --standalone``), each with threads / gpu
-    OpenMP threads.
+
+def step_command(python: str, step: str, threads: int, gpu: int, setting: str = "resources.gpu") -> str:
+    """The shell command, without ``--config``/``--out``, that runs ``cpsl <step>`` with ``threads`` CPU threads
+    on ``gpu`` GPUs; ``setting`` is the config key of ``gpu`` (``resources.train.gpu``), for the error message.
+
+    gpu 0 hides every GPU (``CUDA_VISIBLE_DEVICES=``), so the step runs on the CPU. gpu >= 1 means CUDA: it
+    first checks that CUDA works with that many GPUs (``python -m cpsl.gpus N SETTING``: one line naming the
+    setting, ``torch.version.cuda``, the driver it needs and how to install a matching torch otherwise) and runs
+    the step with ``CPSL_DEVICE=cuda`` (``device: auto`` becomes ``cuda``, see ``cpsl.train.dist.pick_device``);
+    gpu 1 runs one process (on the first visible GPU); gpu > 1 (training only) starts one process per GPU with
+    torchrun (``python -m torch.distributed.run --standalone``), each with threads / gpu OpenMP threads. With
+    gpu >= 1 the command is ``<check> && <step>``: a rule's shell must group it to send both to its log.
     """
     import shlex
 
     py = shlex.quote(python)
-    if gpu <= 1:
-        hide = " CUDA_VISIBLE_DEVICES=" if gpu <= 0 else ""
-        return f"OMP_NUM_THREADS={threads}{hide} {py} -m cpsl {step}"
+    if gpu <= 0:
+        return f"OMP_NUM_THREADS={threads} CUDA_VISIBLE_DEVICES= {py} -m cpsl {step}"
+    check = f"{py} -m cpsl.gpus {gpu} {shlex.quote(setting)} && "
+    if gpu == 1:
+        return f"{check}OMP_NUM_THREADS={threads} CPSL_DEVICE=cuda {py} -m cpsl {step}"
     if step != "train":
         raise ValueError(f"cpsl {step} runs on one GPU at most (got gpu={gpu})")
-    return (f"{py} -m cpsl.gpus {gpu} && OMP_NUM_THREADS={max(1, threads // gpu)} {py} -m torch.distributed.run "
+    return (f"{check}OMP_NUM_THREADS={max(1, threads // gpu)} CPSL_DEVICE=cuda {py} -m torch.distributed.run "
             f"--standalone --nproc_per_node {gpu} -m cpsl {step}")
 
 

@@ -36,3 +36,27 @@ def test_two_processes_match_one(tmp_path, pair_dir, stage):  # noqa: F811
     lines = (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iteration"] for line in lines] == [1, 2, 3, 4]  # rank 0 alone wrote it
     assert (tmp_path / "ddp" / "run_info.json").exists()
+
+
+def test_a_failed_checkpoint_save_stops_every_rank_with_the_same_line(tmp_path, pair_dir):  # noqa: F811
+    """Rank 0 cannot write checkpoints/last.pt (``checkpoints`` is a file): both ranks stop at once with the same
+    one-line error, instead of rank 1 waiting in its next collective (on NCCL, until the timeout)."""
+    import subprocess
+
+    cfg = train_dict(pair_dir, "source_only", max_iters=4, checkpoint_interval=2,
+                     **{"data.batch_size": 4, "data.workers": 0})
+    config = write_config(tmp_path / "train.yaml", cfg)
+    out = tmp_path / "ddp"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a folder")
+    proc = start_train(config, out, *TORCHRUN_2)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the ranks did not stop") from None
+    assert proc.returncode != 0
+    lines = [line for line in err.splitlines() if line.startswith("cpsl train: error: ")]
+    assert lines == [f"cpsl train: error: writing {out / 'checkpoints' / 'last.pt'}: FileExistsError: [Errno 17] "
+                     f"File exists: '{out / 'checkpoints'}'"] * 2, err[-3000:]
+    assert "cpsl/train/loop.py" not in err, err[-3000:]   # no rank's traceback (torchrun prints its own)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cpsl.data.prepared import PreparedSplit
+from cpsl.inference import image_to_tensor, normalize_image
 from cpsl.methods import Amp, Oracle, SourceOnly, TrainContext, Warmup, build_method
 from cpsl.methods.losses import gan_loss, seg_cross_entropy, upsample
 from cpsl.train.data import build_datasets, build_loaders
@@ -122,6 +123,9 @@ def test_lab_transfer_and_extra_views(pair_dir):  # noqa: F811
     assert not torch.equal(a["image"], b["image"])  # ... other colours
     h, w = PreparedSplit(cfg.data.source).load(0)[0].shape[:2]
     assert a["image_full"].shape == (3, h, w) and a["image_strong"].shape == a["image"].shape
+    # the full image travels as uint8 (a quarter of the bytes) and is normalised on the device, exactly as before
+    assert b["image_full"].dtype == torch.uint8
+    assert torch.equal(normalize_image(b["image_full"]), image_to_tensor(PreparedSplit(cfg.data.source).load(0)[0]))
 
 
 def test_random_colors_only_on_labelled_domains(pair_dir):  # noqa: F811

@@ -12,7 +12,7 @@ import yaml
 
 from cpsl import workflow as W
 from cpsl.errors import ConfigError, CpslError
-from cpsl.gpus import check_gpus
+from cpsl.gpus import CudaFacts, check_gpus
 from tests.test_workflow_e2e import TINY
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,52 +98,127 @@ def test_only_training_may_use_several_gpus(shipped):
 def test_step_command_cpu_one_gpu_and_torchrun():
     assert W.step_command("/v/bin/python", "train", 2, 0) == \
         "OMP_NUM_THREADS=2 CUDA_VISIBLE_DEVICES= /v/bin/python -m cpsl train"
-    assert W.step_command("/v/bin/python", "evaluate", 8, 1) == "OMP_NUM_THREADS=8 /v/bin/python -m cpsl evaluate"
-    assert W.step_command("/v/bin/python", "train", 16, 4) == (
-        "/v/bin/python -m cpsl.gpus 4 && OMP_NUM_THREADS=4 /v/bin/python -m torch.distributed.run --standalone "
-        "--nproc_per_node 4 -m cpsl train")
+    # gpu >= 1 means CUDA: the check first, then the step with device auto -> cuda
+    assert W.step_command("/v/bin/python", "evaluate", 8, 1, "resources.evaluate.gpu") == (
+        "/v/bin/python -m cpsl.gpus 1 resources.evaluate.gpu && OMP_NUM_THREADS=8 CPSL_DEVICE=cuda "
+        "/v/bin/python -m cpsl evaluate")
+    assert W.step_command("/v/bin/python", "train", 16, 4, "experiment_settings.x.resources.train.gpu") == (
+        "/v/bin/python -m cpsl.gpus 4 experiment_settings.x.resources.train.gpu && OMP_NUM_THREADS=4 "
+        "CPSL_DEVICE=cuda /v/bin/python -m torch.distributed.run --standalone --nproc_per_node 4 -m cpsl train")
     # at least one thread per process; a Python path with a space stays one word
-    assert "OMP_NUM_THREADS=1 '/my venv/python' -m torch.distributed.run" in W.step_command("/my venv/python",
-                                                                                               "train", 1, 2)
+    assert "OMP_NUM_THREADS=1 CPSL_DEVICE=cuda '/my venv/python' -m torch.distributed.run" in W.step_command(
+        "/my venv/python", "train", 1, 2)
     with pytest.raises(ValueError, match="one GPU at most"):
         W.step_command("/v/bin/python", "pseudo-hard", 2, 2)
 
 
-# --- the visible-GPU check ---------------------------------------------------------------------------------------
+def test_resource_key_names_the_setting_in_effect(shipped):
+    assert W.resource_key(shipped, "train") == "resources.train"
+    assert W.resource_key(shipped, "train", "demo") == "resources.train"
+    presets = [e for e, s in shipped["experiment_settings"].items() if (s.get("resources") or {}).get("train")]
+    assert presets and W.resource_key(shipped, "train", presets[0]) == \
+        f"experiment_settings.{presets[0]}.resources.train"
 
-def test_gpu_check_names_resources_gpu_and_cuda_visible_devices():
-    check_gpus(2, visible=2, env={})
-    check_gpus(1, visible=4, env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+
+def test_cuda_device_auto_follows_the_workflow(monkeypatch):
+    from cpsl.train.dist import pick_device
+    import torch
+
+    monkeypatch.delenv("CPSL_DEVICE", raising=False)
+    assert pick_device("auto") == torch.device("cpu")          # no GPU on the test machine
+    monkeypatch.setenv("CPSL_DEVICE", "cuda")
+    with pytest.raises(RuntimeError, match="device: 'cuda' was requested but CUDA is not usable here"):
+        pick_device("auto")
+    assert pick_device("cpu") == torch.device("cpu")            # an explicit setting wins
+
+
+# --- the CUDA check ----------------------------------------------------------------------------------------------
+
+CU130 = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120")
+
+
+def _facts(**over):
+    base = {"torch_version": "2.14.1+cu130", "cuda": "13.0", "available": True, "count": 2, "driver": "580.65.06",
+            "arch_list": CU130, "devices": (("NVIDIA A100-SXM4-40GB", (8, 0)),) * 2}
+    return CudaFacts(**{**base, **over})
+
+
+def test_gpu_check_names_the_setting_and_cuda_visible_devices():
+    check_gpus(2, _facts(), env={})
+    check_gpus(0, _facts(available=False, count=0), env={})
     with pytest.raises(CpslError) as err:
-        check_gpus(2, visible=1, env={"CUDA_VISIBLE_DEVICES": "3"})
+        check_gpus(4, _facts(), env={"CUDA_VISIBLE_DEVICES": "3"}, setting="resources.train.gpu")
     msg = str(err.value)
-    assert msg.startswith("resources.gpu is 2 but 1 CUDA device(s) are visible (CUDA_VISIBLE_DEVICES='3')")
-    assert "\n" not in msg
+    assert msg == ("resources.train.gpu is 4 but 2 CUDA device(s) are visible (CUDA_VISIBLE_DEVICES='3'): run on a "
+                   "machine or SLURM allocation with 4 GPUs, or lower resources.train.gpu of this rule in config.yaml")
     with pytest.raises(CpslError, match=r"CUDA_VISIBLE_DEVICES=unset"):
-        check_gpus(8, visible=0, env={})
+        check_gpus(8, _facts(), env={})
+
+
+def test_gpu_check_explains_an_unusable_cuda_build():
+    old_driver = _facts(available=False, count=0, driver="535.104.05", devices=())
+    with pytest.raises(CpslError) as err:
+        check_gpus(1, old_driver, env={}, setting="resources.train.gpu")
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("resources.train.gpu is 1 but CUDA is not usable: torch 2.14.1+cu130 is built for CUDA 13.0 "
+                          "(torch.version.cuda), which needs an NVIDIA driver >= 580 and does not support V100 (sm_70) "
+                          "GPUs, and the NVIDIA driver here is 535.104.05: ")
+    assert ("pip uninstall -y torch torchvision, then pip install torch==2.14.1 torchvision --index-url "
+            "https://download.pytorch.org/whl/cu126" in msg)
+    assert msg.endswith('(README, "Choosing the CUDA build of torch"), or set resources.train.gpu: 0 to run on the CPU')
+    cu121 = _facts(torch_version="2.14.1+cu121", cuda="12.1", available=False, count=0, driver=None, devices=())
+    with pytest.raises(CpslError, match=r"CUDA 12\.1 \(torch\.version\.cuda\), which needs an NVIDIA driver >= 525, "
+                                        r"and no NVIDIA driver is loaded here"):
+        check_gpus(1, cu121, env={})
+    with pytest.raises(CpslError, match=r"^resources\.gpu is 1 but torch 2\.14\.1\+cpu is a CPU-only build "
+                                        r"\(torch\.version\.cuda is None\): install a CUDA build"):
+        check_gpus(1, _facts(torch_version="2.14.1+cpu", cuda=None, available=False, count=0), env={})
+
+
+def test_gpu_check_refuses_a_gpu_the_build_has_no_kernels_for():
+    v100 = _facts(count=1, devices=(("Tesla V100-SXM2-32GB", (7, 0)),))
+    with pytest.raises(CpslError, match=r"has no kernels for Tesla V100-SXM2-32GB \(sm_70; the build has sm_75 "):
+        check_gpus(1, v100, env={})
+    check_gpus(1, _facts(count=1, devices=(("RTX 4090", (8, 9)),)), env={})        # sm_86 kernels run on sm_89
+    check_gpus(1, _facts(count=1, devices=(("future", (13, 0)),)), env={})         # PTX compute_120
 
 
 def test_gpu_check_command_line():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     ok = subprocess.run([PY, "-m", "cpsl.gpus", "0"], capture_output=True, text=True, env=env)
     assert ok.returncode == 0 and ok.stderr == ""
-    bad = subprocess.run([PY, "-m", "cpsl.gpus", "1"], capture_output=True, text=True, env=env)
+    bad = subprocess.run([PY, "-m", "cpsl.gpus", "1", "resources.evaluate.gpu"], capture_output=True, text=True,
+                         env=env)
     assert bad.returncode == 2
-    assert bad.stderr.splitlines() == [
-        "cpsl: error: resources.gpu is 1 but 0 CUDA device(s) are visible (CUDA_VISIBLE_DEVICES=''): run on a "
-        "machine or SLURM allocation with 1 GPUs, or lower resources.gpu of this rule in config.yaml"]
+    lines = bad.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cpsl: error: resources.evaluate.gpu is 1 but "), bad.stderr
+    assert "resources.evaluate.gpu: 0 to run on the CPU" in lines[0]
 
 
-def test_multi_gpu_training_without_the_gpus_stops_before_torchrun(tmp_path):
-    """The rule's shell command for gpu=2 where no GPU is visible: one line in the log, torchrun never starts."""
-    cmd = W.step_command(PY, "train", 2, 2)
+def _no_cuda_line(gpu: int, setting: str) -> str:
+    """What ``check_gpus`` says on this machine (no usable CUDA) for ``gpu`` GPUs."""
+    with pytest.raises(CpslError) as err:
+        check_gpus(gpu, env={}, setting=setting)
+    return f"cpsl: error: {err.value}"
+
+
+@pytest.mark.parametrize("gpu", [1, 2])
+def test_a_gpu_job_without_usable_cuda_stops_with_one_line(tmp_path, gpu):
+    """The rule's shell command for gpu 1 or 2 on this CPU machine: one line in the log naming the setting and
+    torch.version.cuda; the step (or torchrun) never starts, so it cannot fall back to the CPU."""
+    import torch
+
+    cmd = W.step_command(PY, "train", 2, gpu, "resources.train.gpu")
     log = tmp_path / "train.log"
     shell = f"{{ {cmd} --config {tmp_path}/none.yaml --out {tmp_path}/out; }} > {log} 2>&1"
     res = subprocess.run(["bash", "-c", shell], env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     assert res.returncode == 2
-    assert log.read_text().splitlines() == [
-        "cpsl: error: resources.gpu is 2 but 0 CUDA device(s) are visible (CUDA_VISIBLE_DEVICES=''): run on a "
-        "machine or SLURM allocation with 2 GPUs, or lower resources.gpu of this rule in config.yaml"]
+    lines = log.read_text().splitlines()
+    assert lines == [_no_cuda_line(gpu, "resources.train.gpu")]
+    assert lines[0].startswith(f"cpsl: error: resources.train.gpu is {gpu} but ")
+    if torch.version.cuda is not None:
+        assert f"built for CUDA {torch.version.cuda} (torch.version.cuda)" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -173,7 +248,7 @@ def test_rules_take_threads_resources_and_launcher_from_config(tmp_path):
     out = res.stdout
     train = job_block(out, "train", "stage=warmup")
     assert "threads: 2" in train and "runtime=77" in train and "gpu=2" in train and "mem_mb=1234" in train
-    assert ("-m cpsl.gpus 2 && OMP_NUM_THREADS=1 " in train
+    assert ("-m cpsl.gpus 2 experiment_settings.demo.resources.train.gpu && OMP_NUM_THREADS=1 CPSL_DEVICE=cuda " in train
             and "-m torch.distributed.run --standalone --nproc_per_node 2 -m cpsl train --config" in train)
     assert "> results/demo/logs/seed0/train_warmup.log 2>&1" in train
     prepare = job_block(out, "prepare", "role=source_val")
@@ -183,7 +258,8 @@ def test_rules_take_threads_resources_and_launcher_from_config(tmp_path):
     # the default profile's global GPU limit (resources: gpu=1) lowers the job to one GPU: plain, no torchrun
     capped = job_block(dry_run(tmp_path, tiny, "--cores", "4").stdout, "train", "stage=warmup")
     assert "gpu=1" in capped and "torch.distributed.run" not in capped
-    assert "OMP_NUM_THREADS=2 " in capped and "CUDA_VISIBLE_DEVICES=" not in capped
+    assert "-m cpsl.gpus 1 experiment_settings.demo.resources.train.gpu && OMP_NUM_THREADS=2 CPSL_DEVICE=cuda " in capped
+    assert "CUDA_VISIBLE_DEVICES=" not in capped
 
 
 def test_a_bad_resource_setting_stops_the_workflow_with_one_line(tmp_path):

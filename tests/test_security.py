@@ -254,4 +254,4 @@ def test_step_command_quotes_the_interpreter_path():
     for gpu in (0, 1, 2):
         command = W.step_command(python, "train", 4, gpu)
         words = shlex.split(command.replace("&&", " && "))
-        assert words.count(python) == (2 if gpu > 1 else 1), command
+        assert words.count(python) == (2 if gpu >= 1 else 1), command

@@ -56,3 +56,80 @@ def test_two_processes_match_one(tmp_path, pair_dir):  # noqa: F811
     assert any(r["loss/contrast"] > 0 for r in rows[1])          # the contrastive term ran
     summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One gradient all-reduce per iteration (no_sync for the backward passes before the last)
+
+
+def _step_worker(rank: int, cfg_dict: dict, out: str, port: int, no_sync: bool) -> None:
+    """Rank ``rank`` of 2 (gloo): 2 stage-1 iterations; saves the weights and the number of DDP gradient
+    all-reduces (one per bucket per synchronised backward, counted by a comm hook)."""
+    import contextlib
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    from cpsl.methods import Amp, TrainContext, build_method
+    from cpsl.train import dist as D
+    from cpsl.train.data import build_datasets, build_loaders
+    from cpsl.train.dist import DistInfo
+    from cpsl.train.loop import to_device
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        cfg = load(TrainConfig, cfg_dict)
+        cpu = torch.device("cpu")
+        D.seed_everything(cfg.seed)
+        method = build_method(cfg, TrainContext(cpu, DistInfo(rank, 2, rank, cpu), Amp("off", cpu)))
+        if not no_sync:  # the old behaviour: every backward pass all-reduces
+            method.net.no_sync = contextlib.nullcontext
+        calls = [0]
+
+        def counting_hook(state, bucket):
+            calls[0] += 1
+            return default_hooks.allreduce_hook(state, bucket)
+
+        method.net.register_comm_hook(None, counting_hook)
+        loaders = build_loaders(cfg, build_datasets(cfg, method.domains, cfg.model.n_class), rank=rank,
+                                world_size=2, start_iter=0)
+        iters = {d: iter(loader) for d, loader in loaders.items()}
+        for _ in range(2):
+            method.train_mode()
+            method.step({d: to_device(next(it), cpu) for d, it in iters.items()})
+            for sched in method.schedulers.values():
+                sched.step()
+        torch.save({"model": method.student.state_dict(), "prototypes": method.prototypes.detach().clone(),
+                    "allreduces": calls[0]}, f"{out}/rank{rank}_{'no_sync' if no_sync else 'sync'}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_one_gradient_allreduce_per_iteration_same_weights(tmp_path, pair_dir):  # noqa: F811
+    """Stage 1's three backward passes: the first two under DDP's no_sync, so the gradients are all-reduced once
+    per iteration instead of three times, and the weights are those of all-reducing every backward (1e-6)."""
+    import torch.multiprocessing as mp
+
+    cfg = stage1_dict(pair_dir, freeze_bn=True, **{"model.dropout": 0.0, "data.batch_size": 4, "data.workers": 0})
+    for no_sync in (True, False):
+        mp.spawn(_step_worker, args=(cfg, str(tmp_path), _free_port(), no_sync), nprocs=2, join=True)
+    runs = {name: [torch.load(tmp_path / f"rank{r}_{name}.pt") for r in (0, 1)] for name in ("no_sync", "sync")}
+    new, old = runs["no_sync"], runs["sync"]
+    assert max_weight_diff(new[0]["model"], new[1]["model"]) == 0.0          # the ranks stay identical
+    assert max_weight_diff(new[0]["model"], old[0]["model"]) < 1e-6
+    assert (new[0]["prototypes"] - old[0]["prototypes"]).abs().max() < 1e-6
+    buckets = new[0]["allreduces"] // 2
+    assert buckets >= 1 and new[0]["allreduces"] == 2 * buckets              # once per iteration
+    assert old[0]["allreduces"] == 3 * new[0]["allreduces"]                  # before: once per backward pass

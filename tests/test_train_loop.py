@@ -14,7 +14,7 @@ from cpsl.errors import CheckpointError, ConfigError
 from cpsl.methods import Amp, TrainContext, build_method, source_only
 from cpsl.models.checkpoint import load_checkpoint, save_checkpoint
 from cpsl.train import loop
-from cpsl.train.data import InfiniteSampler, build_datasets, build_loaders
+from cpsl.train.data import InfiniteSampler, build_datasets, build_loaders, make_loader, workers_per_rank
 from cpsl.train.dist import DistInfo
 from cpsl.train.loop import TrainingError, train
 from tests.train_helpers import (max_weight_diff, one_thread, pair_dir, train_config, train_dict,  # noqa: F401
@@ -61,7 +61,11 @@ def test_poly_schedule_is_clamped_past_max_iters(pair_dir):  # noqa: F811
     assert method.lrs() == {"backbone": 0.0, "head": 0.0}
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, pair_dir, monkeypatch):  # noqa: F811
+@pytest.mark.parametrize("log_interval, where", [(1, "iteration 5"), (4, "iterations 5-6")])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, pair_dir, monkeypatch, log_interval,  # noqa: F811
+                                                          where):
+    """The losses are read at log and checkpoint iterations (here every 2): a NaN at iteration 5 stops the run
+    at 6 at the latest, before checkpoint 6 is written, naming the iterations since the last log line."""
     real_step = source_only.SourceOnly.step
     calls = {"n": 0}
 
@@ -72,11 +76,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, pair_dir, m
         return real_step(self, batch)
 
     monkeypatch.setattr(source_only.SourceOnly, "step", poisoned)
-    cfg = train_config(pair_dir, "source_only", max_iters=8, checkpoint_interval=2)
+    cfg = train_config(pair_dir, "source_only", max_iters=8, checkpoint_interval=2, log_interval=log_interval)
     with pytest.raises(TrainingError) as err:
         train(cfg, tmp_path)
     msg = str(err.value)
-    assert msg.startswith("iteration 5: loss 'ce_source' is nan; training stopped")
+    assert msg.startswith(f"{where}: loss 'ce_source' is nan; training stopped")
     assert "last.pt (iteration 4)" in msg
     kept = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert kept["iteration"] == 4
@@ -128,6 +132,28 @@ def test_batches_do_not_depend_on_the_worker_count(pair_dir):  # noqa: F811
     assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0
     assert b["label"].shape == (2, 32, 64) and b["label"].dtype == torch.int64
     assert b["weak_params"]["crop"].shape == (2, 4) and b["strong_params"]["matrices"].shape[0] == 2
+
+
+class _OpenCVThreads(torch.utils.data.Dataset):
+    """Reports the OpenCV thread count of the process that loads the item."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, item):
+        import cv2
+
+        return cv2.getNumThreads()
+
+
+def test_workers_are_per_job_and_run_one_opencv_thread(pair_dir):  # noqa: F811
+    assert [workers_per_rank(w, n) for w, n in ((0, 4), (6, 1), (6, 4), (2, 4), (8, 4))] == [0, 6, 1, 1, 2]
+    cfg = train_config(pair_dir, "warmup", **{"data.workers": 4, "data.batch_size": 2})
+    datasets = build_datasets(cfg, {"source": {"label": True}, "target": {"label": False}}, 4)
+    loaders = build_loaders(cfg, datasets, rank=1, world_size=2, start_iter=0)
+    assert {d: ld.num_workers for d, ld in loaders.items()} == {"source": 2, "target": 2}   # 4 per loader per job
+    loader = make_loader(_OpenCVThreads(), InfiniteSampler(4, 2, seed=0), workers=1, seed=0)
+    assert next(iter(loader)).tolist() == [1, 1]
 
 
 def test_train_config_validation(pair_dir):  # noqa: F811
@@ -182,3 +208,21 @@ def test_finished_run_rebuilds_a_lost_final_checkpoint_and_restarts_on_new_setti
     summary = train(cfg2, out)
     assert summary["resumed_from"] == 0
     assert load_checkpoint(out / "checkpoint.pt")["config"]["optim"]["lr"] == 0.05
+
+
+def test_the_loop_reads_the_losses_once_per_log_line():
+    """On (fake) CUDA the loss bookkeeping of an iteration makes no host sync; reading the window makes one."""
+    from cpsl.train.loop import _Window
+    from tests.fake_cuda import FakeCuda
+
+    with FakeCuda() as fc:
+        losses = [torch.tensor([1.0, 0.5, 4.0], device="cuda")[i] for i in range(3)]
+        window = _Window()
+        fc.reset()
+        for done, loss in enumerate(losses, start=11):
+            window.add(done, {"cutmix": float(done % 2), "ce": loss.float()}, 0.25, 0.0)
+        assert fc.counts()["syncs"] == 0
+        means, last = window.values()
+        assert dict(fc.syncs) == {"tolist": 1}
+    assert means == {"cutmix": 2 / 3, "ce": 5.5 / 3} and last == {"cutmix": 1.0, "ce": 4.0}
+    assert list(means) == ["cutmix", "ce"] and window.span(13) == "iterations 11-13"

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from cpsl.labels import IGNORE_INDEX
+from cpsl.train.dist import host_to_device
 
 Rng = Union[random.Random, np.random.Generator]
 ImageLike = Union[Image.Image, np.ndarray]
@@ -276,13 +277,13 @@ def _resample(
     if x.dim() != 4:
         raise ValueError(f"expected (B, C, h, w) or (B, h, w), got {tuple(maps.shape)}")
     work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    g = torch.from_numpy(grid).to(device=x.device, dtype=work)
-    v = torch.from_numpy(valid).to(x.device)
+    g = host_to_device(torch.from_numpy(grid).to(work), x.device)
+    v = host_to_device(torch.from_numpy(valid), x.device)
     if mode == "onehot":
         out = _onehot_sample(x, g, align_corners).to(work)
     else:
         out = F.grid_sample(x.to(work), g, mode=mode, padding_mode="border", align_corners=align_corners)
-    out = torch.where(v[:, None], out, torch.as_tensor(fill, dtype=work, device=x.device))
+    out = torch.where(v[:, None], out, float(fill))
     out = out.to(maps.dtype) if is_float else out.round().to(maps.dtype)
     return out[:, 0] if no_channel else out
 
@@ -846,7 +847,7 @@ def warp_maps_batch(
     gs, vs = zip(*(_strong_grid(p, h, w, cutout) for p in params))
     valid = np.stack(vs)
     out = _resample(maps, np.stack(gs), valid, mode, fill, align_corners=False, int_mode="onehot")
-    return out, torch.from_numpy(valid).to(maps.device)
+    return out, host_to_device(torch.from_numpy(valid), maps.device)
 
 
 def warp_map(

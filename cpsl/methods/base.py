@@ -1,7 +1,8 @@
 """What every training method shares: the run context (device, processes, AMP), the student, the interface.
 
 A method owns its networks, optimizers and schedulers and does a whole iteration in ``step(batch)``: forward
-passes, losses, backward passes and optimizer steps (one or several), returning the loss values as floats.
+passes, losses, backward passes and optimizer steps (one or several), returning the loss values as detached 0-d
+tensors on the device (the loop reads them on the host only when it logs; plain numbers for host-side flags).
 The loop (``cpsl.train.loop``) steps the schedulers, logs, checks for NaN and checkpoints. ``state_dict`` /
 ``load_state_dict`` give the checkpoint entries (cpsl.models.checkpoint keys: ``model``, ``optimizer``,
 ``scheduler``, ``discriminator``, ``disc_optimizer``, ...).
@@ -18,7 +19,7 @@ from torch import nn
 
 from cpsl.config import TrainConfig
 from cpsl.errors import CheckpointError
-from cpsl.models import build_model, convert_sync_bn, freeze_bn
+from cpsl.models import build_model, convert_sync_bn, freeze_bn, place
 from cpsl.models.checkpoint import check_model_fits, load_checkpoint, load_model_state
 from cpsl.train.dist import DistInfo
 from cpsl.train.optim import build_sgd, poly_scheduler
@@ -69,16 +70,22 @@ class TrainContext:
     amp: Amp
 
     def wrap(self, module: nn.Module) -> nn.Module:
-        """``module`` wrapped in DistributedDataParallel under torchrun (world size > 1); else itself."""
+        """``module`` wrapped in DistributedDataParallel under torchrun (world size > 1); else itself. With
+        SyncBatchNorm the BatchNorm statistics are the same on every rank already, so DDP does not broadcast
+        rank 0's buffers before every forward pass (``forward_sync_buffers=False``, torch's new name for
+        ``broadcast_buffers=False``; the buffers are still synced once, when wrapping)."""
         if not self.dist.distributed:
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        sync_bn = any(isinstance(m, nn.SyncBatchNorm) for m in module.modules())
+        extra = {"forward_sync_buffers": False} if sync_bn else {}
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, **extra)
 
 
 def build_student(cfg: TrainConfig, ctx: TrainContext) -> nn.Module:
     """The segmentation network: ``model.init`` weights or ``init_checkpoint``, SyncBN under multi-GPU DDP
-    (``model.sync_bn``), frozen BatchNorm when ``freeze_bn``, on the run's device."""
+    (``model.sync_bn``), frozen BatchNorm when ``freeze_bn``, on the run's device (``place``: channels_last on
+    CUDA)."""
     model = build_model(cfg.model)
     if cfg.init_checkpoint is not None:
         state = load_checkpoint(cfg.init_checkpoint)
@@ -88,7 +95,7 @@ def build_student(cfg: TrainConfig, ctx: TrainContext) -> nn.Module:
         model = convert_sync_bn(model)
     if cfg.freeze_bn:
         freeze_bn(model)
-    return model.to(ctx.device)
+    return place(model, ctx.device)
 
 
 def student_init(cfg: TrainConfig) -> str:
@@ -142,7 +149,8 @@ class Method:
         if self.cfg.freeze_bn:
             freeze_bn(self.student)
 
-    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, float]:
+    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """One iteration; ``{name: detached 0-d loss tensor, or a number}``."""
         raise NotImplementedError
 
     def lrs(self) -> dict[str, float]:

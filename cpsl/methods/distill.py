@@ -76,6 +76,7 @@ from cpsl.inference import load_model_from_checkpoint
 from cpsl.labels import IGNORE_INDEX
 from cpsl.methods.base import Method, TrainContext, set_requires_grad
 from cpsl.methods.losses import global_mean, seg_cross_entropy, upsample
+from cpsl.train.dist import host_to_device
 
 KD_MODES = ("kl", "reference")
 
@@ -181,7 +182,7 @@ def weak_valid_mask(params: Sequence[WeakParams], out_hw: tuple[int, int], devic
     """(B, h, w) bool: the output pixels of each weak crop that lie inside the scaled image (not padding)."""
     ones = torch.ones(len(params), 1, 1, 1)
     inside = full_to_weak_batch(ones, params, out_hw, src_align_corners=False)
-    return (inside[:, 0] > 0.5).to(device)
+    return host_to_device(inside[:, 0] > 0.5, device)
 
 
 def pseudo_targets(target: dict[str, Any], stride: int, strong_view: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,13 +308,13 @@ class Distill(Method):
         kd = kd_loss(s_logits, t_logits, valid, d.kd_mode)
         return {"ce_source": ce_source, "ce_pseudo": ce_pseudo, "kd": kd}
 
-    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, float]:
+    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, Any]:
         losses = self.losses(batch)
         total = losses["ce_source"] + losses["ce_pseudo"] + self.cfg.distill.kd_weight * losses["kd"]
         self.optimizer.zero_grad(set_to_none=True)
         self.amp.backward(total)
         self.amp.step(self.optimizer)
-        return {k: v.item() for k, v in losses.items()}
+        return {k: v.detach() for k, v in losses.items()}
 
 
 class Stage2(Distill):

@@ -22,7 +22,7 @@ class SourceOnly(Method):
         super().__init__(cfg, ctx)
         self.domains = {self.domain: {"label": True}}
 
-    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, float]:
+    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, Any]:
         b = batch[self.domain]
         with self.amp.autocast():
             logits = upsample(self.net(b["image"])["out"], b["label"].shape[-2:])
@@ -30,7 +30,7 @@ class SourceOnly(Method):
         self.optimizer.zero_grad(set_to_none=True)
         self.amp.backward(loss)
         self.amp.step(self.optimizer)
-        return {f"ce_{self.domain}": loss.item()}
+        return {f"ce_{self.domain}": loss.detach()}
 
 
 class Oracle(SourceOnly):

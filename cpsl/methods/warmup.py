@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from cpsl.methods.base import Method, set_requires_grad
 from cpsl.methods.losses import SOURCE_LABEL, TARGET_LABEL, gan_loss, seg_cross_entropy, upsample
-from cpsl.models import build_discriminator
+from cpsl.models import build_discriminator, place
 from cpsl.train.optim import poly_scheduler
 
 
@@ -35,7 +35,7 @@ class Warmup(Method):
         super().__init__(cfg, ctx)
         self.domains = {"source": {"label": True}, "target": {"label": False}}
         w = cfg.warmup
-        self.disc = build_discriminator(cfg.model.n_class, w.disc_width).to(ctx.device)
+        self.disc = place(build_discriminator(cfg.model.n_class, w.disc_width), ctx.device)
         self.disc_net = ctx.wrap(self.disc)
         self.disc_optimizer = torch.optim.Adam([{"name": "disc", "params": list(self.disc.parameters())}],
                                                lr=w.disc_lr, betas=(w.disc_betas[0], w.disc_betas[1]))
@@ -71,7 +71,7 @@ class Warmup(Method):
             kind = self.cfg.warmup.gan
             return gan_loss(d_out[:n], SOURCE_LABEL, kind) + gan_loss(d_out[n:], TARGET_LABEL, kind)
 
-    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, float]:
+    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, Any]:
         losses, ps, pt = self.generator_losses(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.amp.backward(losses["ce_source"] + self.cfg.warmup.adv_weight * losses["adv"])
@@ -81,4 +81,4 @@ class Warmup(Method):
         self.disc_optimizer.zero_grad(set_to_none=True)
         self.amp.backward(disc)
         self.amp.step(self.disc_optimizer)
-        return {"ce_source": losses["ce_source"].item(), "adv": losses["adv"].item(), "disc": disc.item()}
+        return {"ce_source": losses["ce_source"].detach(), "adv": losses["adv"].detach(), "disc": disc.detach()}

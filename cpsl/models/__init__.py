@@ -1,13 +1,15 @@
 """Networks: DeepLab-v2 (ResNet-101/50/18 backbones), the warm-up discriminator, init weights, checkpoints.
 
-``build_model(cfg)`` is the one entry point for the segmentation network; ``freeze_bn`` and
-``convert_sync_bn`` are the BatchNorm helpers the training code applies.
+``build_model(cfg)`` is the one entry point for the segmentation network; ``place`` puts a network on its
+device; ``freeze_bn``, ``convert_sync_bn`` and ``revert_sync_bn`` are the BatchNorm helpers the training code
+applies.
 """
 
 from __future__ import annotations
 
 import logging
 
+import torch
 from torch import nn
 
 from cpsl.config import ModelConfig
@@ -16,7 +18,8 @@ from cpsl.models.discriminator import FCDiscriminator, build_discriminator
 from cpsl.models.resnet import iter_norm_modules
 from cpsl.models.weights import load_init_weights
 
-__all__ = ["DeepLabV2", "FCDiscriminator", "build_discriminator", "build_model", "convert_sync_bn", "freeze_bn"]
+__all__ = ["DeepLabV2", "FCDiscriminator", "build_discriminator", "build_model", "convert_sync_bn", "freeze_bn",
+           "place", "revert_sync_bn"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,18 @@ def build_model(cfg: ModelConfig, key: str = "model") -> DeepLabV2:
     return model
 
 
+def place(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """``model`` on ``device``. On CUDA also in the channels_last memory format (cuDNN's fast layout for bf16 /
+    fp16 convolutions; the inputs follow the weights) and with cuDNN's autotuner on (``cudnn.benchmark``: the
+    crops have fixed shapes and the dilated convolutions have several algorithms). On the CPU the model is only
+    moved, so CPU results stay those of the NCHW layout."""
+    model = model.to(device)
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def freeze_bn(model: nn.Module) -> nn.Module:
     """Put every BatchNorm in eval mode and stop gradients to its affine parameters (reference --freeze_bn).
 
@@ -52,3 +67,24 @@ def freeze_bn(model: nn.Module) -> nn.Module:
 def convert_sync_bn(model: nn.Module) -> nn.Module:
     """Replace BatchNorm layers by ``nn.SyncBatchNorm`` (for DDP on GPUs); returns the converted model."""
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def revert_sync_bn(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.SyncBatchNorm`` by an ``nn.BatchNorm2d`` holding the same parameters, buffers, mode and
+    ``requires_grad`` (the inverse of ``convert_sync_bn``); returns the model. For networks that must not take
+    part in collectives: stage 1's EMA teacher runs its forward passes on each rank's own images."""
+    if isinstance(model, nn.SyncBatchNorm):
+        bn = nn.BatchNorm2d(model.num_features, model.eps, model.momentum, model.affine,
+                            model.track_running_stats)
+        if model.affine:
+            bn.weight, bn.bias = model.weight, model.bias
+        if model.track_running_stats:
+            bn.running_mean, bn.running_var = model.running_mean, model.running_var
+            bn.num_batches_tracked = model.num_batches_tracked
+        bn.train(model.training)
+        return bn
+    for name, child in model.named_children():
+        new = revert_sync_bn(child)
+        if new is not child:
+            setattr(model, name, new)
+    return model

@@ -19,9 +19,11 @@ Sample dicts (collated by torch's default collate)::
     image        float (3, h, w) in [0, 1] (RGB / 255, no mean/std: the reference normalisation, spec 1.3)
     label        long (h, w), 255 = ignore          (when the dataset is built with label=True)
     index, name  position in the prepared split, sample name
-    weak_params  WeakParams.as_dict() (recover with transforms.weak_params_from_batch)
-    image_strong, strong_params   views=("weak", "strong"): the strong view of the weak crop (spec 1.6)
-    image_full   views containing "full": the whole unaugmented image, normalised the same way
+    weak_params  WeakParams.as_dict() (recover with transforms.weak_params_from_batch); stays on the CPU
+    image_strong, strong_params   views=("weak", "strong"): the strong view of the weak crop (spec 1.6);
+                 strong_params stays on the CPU
+    image_full   views containing "full": the whole unaugmented image, uint8 (3, H, W) (a quarter of the bytes
+                 of float32 to copy to the device: ``cpsl.inference.normalize_image`` there)
     ...          whatever the optional ``extras(index, weak_params, sample)`` callable adds (pseudo labels)
 """
 
@@ -40,10 +42,13 @@ from cpsl.data.prepared import PreparedSplit
 from cpsl.data.transforms import (StrongConfig, WeakConfig, WeakParams, lab_transfer, random_colors, strong_augment,
                                   weak_augment)
 from cpsl.errors import ConfigError, DataError
-from cpsl.inference import image_to_tensor  # the one normalisation: RGB / 255, no mean/std
+from cpsl.inference import image_to_tensor, image_to_uint8_tensor  # the one normalisation: RGB / 255
 from cpsl.train.dist import worker_init_fn
 
 VIEWS = ("weak", "strong", "full")
+# Batch entries that stay on the CPU when the batch moves to the device (``cpsl.train.loop.to_device``): the
+# augmentation records, which the methods read on the host (numpy) to build the warps of their maps.
+HOST_KEYS = frozenset({"weak_params", "strong_params"})
 STREAMS = {"source": 0, "target": 1}
 
 
@@ -102,7 +107,7 @@ class TrainDataset(Dataset):
     """Augmented training samples of one prepared split; items are indexed by ``(index, sample_seed)``.
 
     ``views``: "weak" (always), "strong" (adds ``image_strong`` + ``strong_params``), "full" (adds the
-    unaugmented ``image_full``). ``label``: include the weak-augmented label. ``lab_stats``: (N, 2, 3) Lab
+    unaugmented ``image_full``, uint8). ``label``: include the weak-augmented label. ``lab_stats``: (N, 2, 3) Lab
     mean/std of reference images; when given, each image is first colour-transferred to a random row
     (CPSL's GTA5 -> Cityscapes LAB transfer, spec 1.4). ``random_colors``: then redraw the image's colours
     (``transforms.random_colors``, from the sample's generator). ``extras(index, weak_params, rng)`` may return more
@@ -146,7 +151,7 @@ class TrainDataset(Dataset):
             sample["image_strong"] = image_to_tensor(strong_img)
             sample["strong_params"] = strong_params.as_dict()
         if "full" in self.views:
-            sample["image_full"] = image_to_tensor(image)
+            sample["image_full"] = image_to_uint8_tensor(image)
         if self.extras is not None:
             sample.update(self.extras(int(index), params, rng))
         return sample
@@ -224,14 +229,20 @@ def build_datasets(cfg: Any, domains: dict[str, dict[str, Any]], n_class: int) -
     return out
 
 
+def workers_per_rank(workers: int, world_size: int) -> int:
+    """``data.workers`` is per job (like ``threads``): each of ``world_size`` ranks gets ``workers // world_size``
+    worker processes per loader, at least 1 (0 stays 0: load in the training process)."""
+    return 0 if workers <= 0 else max(1, workers // max(1, world_size))
+
+
 def build_loaders(cfg: Any, datasets: dict[str, TrainDataset], *, rank: int, world_size: int, start_iter: int,
                   pin_memory: bool = False) -> dict[str, DataLoader]:
-    """Endless loaders, one per domain, positioned at ``start_iter``."""
+    """Endless loaders, one per domain, positioned at ``start_iter``, with ``workers_per_rank`` workers each."""
     loaders = {}
     for domain, ds in datasets.items():
         stream = STREAMS.get(domain, 2 + sorted(datasets).index(domain))
         sampler = InfiniteSampler(len(ds), cfg.data.batch_size, seed=cfg.seed, stream=stream, rank=rank,
                                   world_size=world_size, start_iter=start_iter)
-        loaders[domain] = make_loader(ds, sampler, workers=cfg.data.workers,
+        loaders[domain] = make_loader(ds, sampler, workers=workers_per_rank(cfg.data.workers, world_size),
                                       seed=_seed_int(cfg.seed, stream, 2, rank), pin_memory=pin_memory)
     return loaders

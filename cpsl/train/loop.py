@@ -4,9 +4,11 @@
 
     for iteration in range(start, max_iters):
         batch  = next batch of every domain the method needs      (cpsl.train.data: deterministic, endless)
-        losses = method.step(batch)                                (forward, backward, optimizer steps)
+        losses = method.step(batch)                                (forward, backward, optimizer steps; the
+                                                                    losses stay on the device)
         amp.update(); every scheduler steps once
-        losses averaged over the processes; NaN/Inf -> TrainingError (the last checkpoint is kept)
+        at log and checkpoint iterations only (one host sync): the losses averaged over the iterations since
+        the last log line and over the processes; NaN/Inf -> TrainingError (the last checkpoint is kept)
         metrics.jsonl line every log_interval; out/checkpoints/last.pt every checkpoint_interval, unless the
         networks hold NaN/Inf (TrainingError: a checkpoint is only ever written with finite weights)
 
@@ -58,7 +60,7 @@ from cpsl.models.checkpoint import (capture_rng_state, load_checkpoint, make_che
                                     save_checkpoint)
 from cpsl.provenance import atomic_write_text
 from cpsl.train import dist as D
-from cpsl.train.data import _seed_int, build_datasets, build_loaders
+from cpsl.train.data import HOST_KEYS, _seed_int, build_datasets, build_loaders
 
 LAST = Path("checkpoints") / "last.pt"
 FINAL = "checkpoint.pt"
@@ -81,11 +83,12 @@ def _say(info: D.DistInfo, msg: str) -> None:
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) batch to ``device``."""
+    """Move every tensor in a (nested) batch to ``device``, except the entries named in ``HOST_KEYS`` (the
+    augmentation records, read on the host), which stay where they are."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: v if k in HOST_KEYS else to_device(v, device) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device) for v in obj)
     return obj
@@ -156,15 +159,13 @@ def check_resume_config(state: dict[str, Any], cfg: TrainConfig, path: Path) -> 
                               f"{new.get(key)!r} now); delete {path.parent} to start over")
 
 
-def reduce_losses(losses: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Mean of each loss over the processes (identity on one process); same key order on every rank."""
+def reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over the processes (a new tensor; ``t`` itself on one process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return dict(losses)
-    keys = sorted(losses)
-    t = torch.tensor([losses[k] for k in keys], dtype=torch.float64, device=device)
+        return t
+    t = t.clone()
     dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
+    return t / dist.get_world_size()
 
 
 def gather_rng_states() -> list[dict[str, Any]]:
@@ -204,24 +205,58 @@ class MetricsLog:
 
 
 class _Window:
-    """Running means of the losses and timings since the last log line."""
+    """The losses since the last log line, kept on the device: ``method.step`` returns its losses as detached
+    0-d tensors (host numbers for flags such as ``cutmix``), which are summed here without the host waiting for
+    the device. ``values()`` reads them (one copy to the host, after the mean over the processes) at the
+    iterations that log or checkpoint."""
 
     def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
         self.n = 0
-        self.sums: dict[str, float] = defaultdict(float)
+        self.first = 0
+        self.order: list[str] = []                # the losses' names in the method's order
+        self.keys: list[str] = []
+        self.sum: torch.Tensor | None = None      # float64 (len(keys),) on the device
+        self.last: torch.Tensor | None = None     # the latest iteration's losses
+        self.host: dict[str, float] = defaultdict(float)
+        self.last_host: dict[str, float] = {}
+        self.times: dict[str, float] = defaultdict(float)
 
-    def add(self, losses: dict[str, float], t_iter: float, t_data: float) -> None:
+    def add(self, done: int, losses: dict[str, Any], t_iter: float, t_data: float) -> None:
+        tensors = {k: v for k, v in losses.items() if isinstance(v, torch.Tensor)}
+        keys = sorted(tensors)
+        if self.n == 0:
+            self.first, self.keys, self.order = done, keys, list(losses)
+        elif keys != self.keys:
+            raise RuntimeError(f"the losses changed from {self.keys} to {keys}")
+        if keys:
+            vec = torch.stack([tensors[k].detach().reshape(()).to(torch.float64) for k in keys])
+            self.sum = vec if self.sum is None else self.sum + vec
+            self.last = vec
+        self.last_host = {k: float(v) for k, v in losses.items() if k not in tensors}
+        for k, v in self.last_host.items():
+            self.host[k] += v
         self.n += 1
-        for k, v in losses.items():
-            self.sums[f"loss/{k}"] += v
-        self.sums["time_iter"] += t_iter
-        self.sums["time_data"] += t_data
+        self.times["time_iter"] += t_iter
+        self.times["time_data"] += t_data
 
-    def means(self) -> dict[str, float]:
-        return {k: v / max(self.n, 1) for k, v in self.sums.items()}
+    def values(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(the mean of each loss over the window and the processes, the latest iteration's losses), read on the
+        host: the only host syncs of the loss bookkeeping."""
+        sums, last = dict(self.host), dict(self.last_host)
+        if self.keys:
+            both = reduce_mean(torch.cat([self.sum, self.last])).tolist()
+            sums.update(zip(self.keys, both[:len(self.keys)]))
+            last.update(zip(self.keys, both[len(self.keys):]))
+        return {k: sums[k] / self.n for k in self.order}, {k: last[k] for k in self.order}
+
+    def timing(self) -> dict[str, float]:
+        return {k: v / max(self.n, 1) for k, v in self.times.items()}
+
+    def span(self, done: int) -> str:
+        return f"iteration {done}" if self.first == done else f"iterations {self.first}-{done}"
 
 
 def _last_good(last_path: Path, last_saved: int | None) -> str:
@@ -248,6 +283,25 @@ def _check_finite(method: Method, done: int, last_path: Path, last_saved: int | 
     if bad:
         raise TrainingError(f"iteration {done}: {bad} holds NaN or Inf values; training stopped, "
                             f"{_last_good(last_path, last_saved)}")
+
+
+def _on_main_rank(info: D.DistInfo, what: str, write: Any) -> None:
+    """Run ``write()`` (files: checkpoints, summary) on rank 0 only, and tell every rank how it went: if it failed,
+    every rank stops with the same one-line CheckpointError (under DDP the others would otherwise wait in their
+    next collective until the NCCL timeout). A failure that is not a CpslError or OSError (a bug) keeps its
+    traceback on rank 0."""
+    error, exc = None, None
+    if info.is_main:
+        try:
+            write()
+        except Exception as err:  # noqa: BLE001 - the other ranks must hear of any failure
+            exc = err
+            error = str(err) if isinstance(err, CpslError) else f"{what}: {type(err).__name__}: {err}"
+    error = D.broadcast_object(error)
+    if exc is not None and not isinstance(exc, (CpslError, OSError)):
+        raise exc
+    if error is not None:
+        raise CheckpointError(" ".join(error.split())) from exc
 
 
 def _resumable_state(method: Method, cfg: TrainConfig, iteration: int, amp: Amp,
@@ -342,32 +396,32 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
             amp.update()
             for sched in method.schedulers.values():
                 sched.step()
-            losses = reduce_losses(losses, info.device)
-            bad = [k for k, v in losses.items() if not math.isfinite(v)]
-            if bad:
-                raise TrainingError(f"iteration {done}: loss {bad[0]!r} is {losses[bad[0]]}; training stopped, "
-                                    f"{_last_good(last_path, last_saved)}")
             t_iter = time.perf_counter() - t0
             per_iter.append(t_iter)
-            window.add(losses, t_iter, t_data)
-            last_losses = losses
+            window.add(done, losses, t_iter, t_data)
             bar.update(1)
-            if done % cfg.log_interval == 0 or done == cfg.max_iters:
-                means = window.means()
+            logs = done % cfg.log_interval == 0 or done == cfg.max_iters
+            if logs or done % cfg.checkpoint_interval == 0:
+                # the losses are read (and checked for NaN/Inf) here only, not every iteration: one host sync
+                means, last_losses = window.values()
+                bad = [k for k, v in means.items() if not math.isfinite(v)]
+                if bad:
+                    raise TrainingError(f"{window.span(done)}: loss {bad[0]!r} is {means[bad[0]]}; training "
+                                        f"stopped, {_last_good(last_path, last_saved)}")
+            if logs:
+                timing = window.timing()
                 if log is not None:
-                    record = {"iteration": done, **{k: v for k, v in means.items() if k.startswith("loss/")},
-                              **{f"lr/{k}": v for k, v in lrs.items()},
-                              "time_iter": means["time_iter"], "time_data": means["time_data"],
-                              "samples_per_s": cfg.data.batch_size / max(means["time_iter"], 1e-9)}
+                    record = {"iteration": done, **{f"loss/{k}": v for k, v in means.items()},
+                              **{f"lr/{k}": v for k, v in lrs.items()}, **timing,
+                              "samples_per_s": cfg.data.batch_size / max(timing["time_iter"], 1e-9)}
                     log.write(record)
-                bar.set_postfix({k.split("/", 1)[1]: f"{v:.4g}" for k, v in means.items()
-                                 if k.startswith("loss/")}, refresh=False)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
                 window.reset()
             if done % cfg.checkpoint_interval == 0 and done < cfg.max_iters:
                 _check_finite(method, done, last_path, last_saved)
                 rng_states = gather_rng_states()
-                if info.is_main:
-                    save_checkpoint(last_path, _resumable_state(method, cfg, done, amp, rng_states, inputs))
+                _on_main_rank(info, f"writing {last_path}", lambda: save_checkpoint(
+                    last_path, _resumable_state(method, cfg, done, amp, rng_states, inputs)))
                 last_saved = done
     finally:
         bar.close()
@@ -382,9 +436,10 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     _check_finite(method, cfg.max_iters, last_path, last_saved)
     if last_saved != cfg.max_iters:  # all ranks: gathering the RNG states is a collective
         rng_states = gather_rng_states()
-        if info.is_main:
-            save_checkpoint(last_path, _resumable_state(method, cfg, cfg.max_iters, amp, rng_states, inputs))
-    if info.is_main:
+        _on_main_rank(info, f"writing {last_path}", lambda: save_checkpoint(
+            last_path, _resumable_state(method, cfg, cfg.max_iters, amp, rng_states, inputs)))
+
+    def write_final() -> None:
         final = make_checkpoint(method.student, cfg.model, iteration=cfg.max_iters, config=to_dict(cfg),
                                 seed=cfg.seed, rng=capture_rng_state(),
                                 extra={"stage": cfg.stage, **method.describe()},
@@ -393,5 +448,7 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
         # last.pt (now at max_iters) is kept: if the job is killed before it exits (a time limit), Snakemake
         # deletes checkpoint.pt as a failed output, and the rerun rebuilds it from last.pt without retraining
         atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+
+    _on_main_rank(info, f"writing {out / FINAL}", write_final)
     D.barrier()
     return summary

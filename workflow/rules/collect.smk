@@ -28,4 +28,4 @@ rule collect:
         out=lambda wc, output: str(Path(output.csv).parent),
         cmd=command_of("collect"),
     shell:
-        "{params.cmd} --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"
+        "{{ {params.cmd} --config {input.config:q} --out {params.out:q}; }} > {log:q} 2>&1"

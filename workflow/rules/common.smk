@@ -50,6 +50,10 @@ def resources_of(kind):
             for key in ("mem_mb", "runtime", "gpu")}
 
 
-def command_of(step):
-    """The shell command that runs `cpsl <step>` with the job's threads and GPUs (torchrun for gpu > 1)."""
-    return lambda wc, threads, resources: W.step_command(sys.executable, step, threads, resources.gpu)
+def command_of(step, kind=None):
+    """The shell command that runs `cpsl <step>` with the job's threads and GPUs (a CUDA check first for gpu >= 1,
+    torchrun for gpu > 1); `kind`: the rule kind of its resources (default: the step)."""
+    kind = kind or step
+    return lambda wc, threads, resources: W.step_command(
+        sys.executable, step, threads, resources.gpu,
+        W.resource_key(config, kind, getattr(wc, "exp", None)) + ".gpu")

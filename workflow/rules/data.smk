@@ -17,7 +17,7 @@ rule synth:
     params:
         cmd=command_of("synth"),
     shell:
-        "{params.cmd} --config {input.config:q} --out {output:q} > {log:q} 2>&1"
+        "{{ {params.cmd} --config {input.config:q} --out {output:q}; }} > {log:q} 2>&1"
 
 
 def prepare_inputs(wc):
@@ -45,4 +45,4 @@ rule prepare:
     params:
         cmd=command_of("prepare"),
     shell:
-        "{params.cmd} --config {input.config:q} --out {output:q} > {log:q} 2>&1"
+        "{{ {params.cmd} --config {input.config:q} --out {output:q}; }} > {log:q} 2>&1"

@@ -36,7 +36,7 @@ rule train:
         out=lambda wc, output: str(Path(output[0]).parent),
         cmd=command_of("train"),
     shell:
-        # with resources.gpu > 1, cmd is "<GPU check> && <torchrun ...>": the braces send both to the log
+        # with resources.gpu >= 1, cmd is "<CUDA check> && <step>": the braces send both to the log
         "{{ {params.cmd} --config {input.config:q} --out {params.out:q}; }} > {log:q} 2>&1"
 
 
@@ -62,7 +62,7 @@ rule evaluate:
         out=lambda wc, output: str(Path(output[0]).parent),
         cmd=command_of("evaluate"),
     shell:
-        "{params.cmd} --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"
+        "{{ {params.cmd} --config {input.config:q} --out {params.out:q}; }} > {log:q} 2>&1"
 
 
 rule evaluate_split:
@@ -88,7 +88,7 @@ rule evaluate_split:
         out=lambda wc, output: str(Path(output[0]).parent),
         cmd=command_of("evaluate"),
     shell:
-        "{params.cmd} --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"
+        "{{ {params.cmd} --config {input.config:q} --out {params.out:q}; }} > {log:q} 2>&1"
 
 
 rule stage_product:
@@ -115,7 +115,8 @@ rule stage_product:
         **resources_of("stage_product"),
     params:
         cmd=lambda wc, threads, resources: W.step_command(
-            sys.executable, wc.product.replace("_", "-"), threads, resources.gpu
+            sys.executable, wc.product.replace("_", "-"), threads, resources.gpu,
+            W.resource_key(config, "stage_product", wc.exp) + ".gpu",
         ),
     shell:
-        "{params.cmd} --config {input.config:q} --out {output:q} > {log:q} 2>&1"
+        "{{ {params.cmd} --config {input.config:q} --out {output:q}; }} > {log:q} 2>&1"
