@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from cpsl import outputs
+
 from cpsl.config import TrainConfig, load
 from cpsl.models.checkpoint import load_checkpoint
 from cpsl.train.loop import train
@@ -48,6 +50,7 @@ def test_a_failed_checkpoint_save_stops_every_rank_with_the_same_line(tmp_path, 
     config = write_config(tmp_path / "train.yaml", cfg)
     out = tmp_path / "ddp"
     out.mkdir()
+    outputs.write_marker(out, "train")  # an earlier training run's folder
     (out / "checkpoints").write_text("not a folder")
     proc = start_train(config, out, *TORCHRUN_2)
     try:
