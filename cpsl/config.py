@@ -553,7 +553,8 @@ class TrainConfig:
     ``model``); otherwise ``model.init`` (ImageNet weights) or random init. ``freeze_bn``: BatchNorm in eval
     mode with frozen affine parameters (the reference warm-up's ``--freeze_bn``). ``amp`` applies on CUDA only
     (off on the CPU). ``checkpoint_interval``: iterations between resumable checkpoints
-    (``out/checkpoints/last.pt``); ``log_interval``: iterations per line of ``out/metrics.jsonl``.
+    (``out/checkpoints/last.pt``); ``log_interval``: iterations per line of ``out/metrics.jsonl``. The losses
+    are read from the device (and checked for NaN/Inf) at log and checkpoint iterations only.
     """
 
     stage: Literal["source_only", "warmup", "oracle", "stage1", "stage2", "stage3"]
