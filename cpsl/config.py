@@ -407,8 +407,8 @@ class TrainDataConfig:
     reference's setting relative to 2048-wide images), then RandomCrop ``crop`` = [height, width], then a
     horizontal flip with probability ``flip``. ``batch_size`` is the global batch (split over DDP ranks), and so
     is ``workers``: the DataLoader worker processes of each loader for the whole job, ``workers // ranks`` (at
-    least 1) per rank. ``lab_transfer``: CPSL's LAB colour transfer of every source image to the statistics of a random target
-    image (spec 1.4; needs the target split prepared with lab_stats); on in the paper presets.
+    least 1) per rank. ``lab_transfer``: CPSL's LAB colour transfer of every source image to the statistics of
+    a random target image (spec 1.4; needs the target split prepared with lab_stats); on in the paper presets.
     ``random_colors``: redraw the colours of every labelled training image (channel order, inversion, gain,
     gamma, greyscale, blur, noise: ``transforms.random_colors``), so that the network learns shape and layout
     rather than the source palette; not in the reference. The demo's source-only model trains with it and
@@ -576,7 +576,8 @@ class TrainConfig:
     ``model``); otherwise ``model.init`` (ImageNet weights) or random init. ``freeze_bn``: BatchNorm in eval
     mode with frozen affine parameters (the reference warm-up's ``--freeze_bn``). ``amp`` applies on CUDA only
     (off on the CPU). ``checkpoint_interval``: iterations between resumable checkpoints
-    (``out/checkpoints/last.pt``); ``log_interval``: iterations per line of ``out/metrics.jsonl``.
+    (``out/checkpoints/last.pt``); ``log_interval``: iterations per line of ``out/metrics.jsonl``. The losses
+    are read from the device (and checked for NaN/Inf) at log and checkpoint iterations only.
     """
 
     stage: Literal["source_only", "warmup", "oracle", "stage1", "stage2", "stage3"]

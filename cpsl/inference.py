@@ -246,7 +246,6 @@ def _as_list(batch: list) -> list:
 
 
 def _worker_init(worker_id: int) -> None:
-    cv2.setNumThreads(1)
     torch.set_num_threads(1)
 
 
@@ -265,6 +264,7 @@ def iter_batches(split: PreparedSplit, indices: list[int], cfg: InferenceSetting
                  desc: str, labels: bool = False, input_size: tuple[int, int] | None = None,
                  show_progress: bool = True) -> Iterator[Batch]:
     """Batches of up to ``cfg.batch_size`` consecutive images of ``indices`` (split where sizes change)."""
+    D.opencv_threads_for_workers(cfg.workers)
     loader = DataLoader(_Items(split, indices, labels, input_size), batch_size=cfg.batch_size, shuffle=False,
                         num_workers=cfg.workers, collate_fn=_as_list, pin_memory=device.type == "cuda",
                         worker_init_fn=_worker_init if cfg.workers > 0 else None,

@@ -248,8 +248,8 @@ def test_rules_take_threads_resources_and_launcher_from_config(tmp_path):
     out = res.stdout
     train = job_block(out, "train", "stage=warmup")
     assert "threads: 2" in train and "runtime=77" in train and "gpu=2" in train and "mem_mb=1234" in train
-    assert ("-m cpsl.gpus 2 experiment_settings.demo.resources.train.gpu && OMP_NUM_THREADS=1 CPSL_DEVICE=cuda " in train
-            and "-m torch.distributed.run --standalone --nproc_per_node 2 -m cpsl train --config" in train)
+    assert ("-m cpsl.gpus 2 experiment_settings.demo.resources.train.gpu && OMP_NUM_THREADS=1 CPSL_DEVICE=cuda "
+            in train and "-m torch.distributed.run --standalone --nproc_per_node 2 -m cpsl train --config" in train)
     assert "> results/demo/logs/seed0/train_warmup.log 2>&1" in train
     prepare = job_block(out, "prepare", "role=source_val")
     assert "mem_mb=999" in prepare and "gpu=0" in prepare and "OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES= " in prepare
@@ -258,7 +258,8 @@ def test_rules_take_threads_resources_and_launcher_from_config(tmp_path):
     # the default profile's global GPU limit (resources: gpu=1) lowers the job to one GPU: plain, no torchrun
     capped = job_block(dry_run(tmp_path, tiny, "--cores", "4").stdout, "train", "stage=warmup")
     assert "gpu=1" in capped and "torch.distributed.run" not in capped
-    assert "-m cpsl.gpus 1 experiment_settings.demo.resources.train.gpu && OMP_NUM_THREADS=2 CPSL_DEVICE=cuda " in capped
+    assert ("-m cpsl.gpus 1 experiment_settings.demo.resources.train.gpu && OMP_NUM_THREADS=2 CPSL_DEVICE=cuda "
+            in capped)
     assert "CUDA_VISIBLE_DEVICES=" not in capped
 
 

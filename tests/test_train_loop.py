@@ -152,8 +152,16 @@ def test_workers_are_per_job_and_run_one_opencv_thread(pair_dir):  # noqa: F811
     datasets = build_datasets(cfg, {"source": {"label": True}, "target": {"label": False}}, 4)
     loaders = build_loaders(cfg, datasets, rank=1, world_size=2, start_iter=0)
     assert {d: ld.num_workers for d, ld in loaders.items()} == {"source": 2, "target": 2}   # 4 per loader per job
-    loader = make_loader(_OpenCVThreads(), InfiniteSampler(4, 2, seed=0), workers=1, seed=0)
-    assert next(iter(loader)).tolist() == [1, 1]
+    import cv2
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    cv2.resize(np.zeros((512, 512, 3), np.uint8), (1024, 1024))   # this process's OpenCV pool has threads
+    try:
+        loader = make_loader(_OpenCVThreads(), InfiniteSampler(4, 2, seed=0), workers=1, seed=0)
+        assert next(iter(loader)).tolist() == [1, 1]          # and the (forked) worker runs one, without a hang
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def test_train_config_validation(pair_dir):  # noqa: F811

@@ -43,7 +43,7 @@ from cpsl.data.transforms import (StrongConfig, WeakConfig, WeakParams, lab_tran
                                   weak_augment)
 from cpsl.errors import ConfigError, DataError
 from cpsl.inference import image_to_tensor, image_to_uint8_tensor  # the one normalisation: RGB / 255
-from cpsl.train.dist import worker_init_fn
+from cpsl.train.dist import opencv_threads_for_workers, worker_init_fn
 
 VIEWS = ("weak", "strong", "full")
 # Batch entries that stay on the CPU when the batch moves to the device (``cpsl.train.loop.to_device``): the
@@ -162,8 +162,10 @@ def make_loader(dataset: Dataset, sampler: InfiniteSampler, *, workers: int, see
     """An endless DataLoader of this rank's share of each global batch.
 
     The loader gets its own torch generator, so creating its iterator never draws from the global torch RNG
-    (which a resumed run restores from the checkpoint).
+    (which a resumed run restores from the checkpoint). One OpenCV thread per worker
+    (``opencv_threads_for_workers``).
     """
+    opencv_threads_for_workers(workers)
     gen = torch.Generator()
     gen.manual_seed(seed)
     return DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=workers,

@@ -122,14 +122,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def worker_init_fn(worker_id: int) -> None:
-    """DataLoader worker setup. Seeding: Python and NumPy follow torch's per-worker seed (itself derived from the
-    loader's generator), so augmentations are reproducible for a given seed, rank and worker count. Threads: one
-    OpenCV thread per worker (torch already runs one in each); the workers are the parallelism, and OpenCV's own
-    pool in each of them would oversubscribe the job's CPUs."""
-    import cv2
+def opencv_threads_for_workers(workers: int) -> None:
+    """Call before a DataLoader with ``workers`` worker processes starts them: OpenCV then runs one thread in each
+    worker (torch already runs one), since the workers are the parallelism and an OpenCV pool in each of them
+    would oversubscribe the job's CPUs. Set in this process, before the workers fork, and inherited: setting it
+    inside a forked worker deadlocks when this process's OpenCV pool had threads. This process decodes no images
+    while it has workers, so its own OpenCV threads do not matter."""
+    if workers > 0:
+        import cv2
 
-    cv2.setNumThreads(1)
+        cv2.setNumThreads(1)
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """DataLoader worker seeding: Python and NumPy follow torch's per-worker seed (itself derived from the
+    loader's generator), so augmentations are reproducible for a given seed, rank and worker count."""
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)
