@@ -122,6 +122,8 @@ def check_out(out: str | Path, step: str, *, replaces: bool, inputs: Iterable[st
         raise DataError(f"{out}: --out is a file, not a folder of cpsl {step}; {tail}")
     for raw in inputs:
         path = _abs(raw)
+        if not path.exists():  # nothing there to protect (a missing input is the step's own error)
+            continue
         if _within(out, path) and (path.is_dir() or out == path):
             where = "is" if out == path else "is inside"
             raise DataError(f"{out}: --out {where} an input of cpsl {step} ({path}); {tail}")
