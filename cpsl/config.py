@@ -309,7 +309,7 @@ class InferenceSettings:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = 1           # images per forward pass (per process)
     workers: int = 2              # DataLoader worker processes that decode images (0 = in this process)
-    amp: bool = False             # autocast (bfloat16, float16 where bf16 is unsupported) on CUDA only
+    amp: bool = False             # bfloat16 autocast (on CUDA float16 where the GPU has no bf16)
     progress: bool = True         # tqdm progress bar on stderr (rank 0)
 
     def validate(self, prefix: str = "") -> None:
@@ -574,8 +574,8 @@ class TrainConfig:
 
     ``init_checkpoint``: start the student from another stage's ``checkpoint.pt`` (its network must match
     ``model``); otherwise ``model.init`` (ImageNet weights) or random init. ``freeze_bn``: BatchNorm in eval
-    mode with frozen affine parameters (the reference warm-up's ``--freeze_bn``). ``amp`` applies on CUDA only
-    (off on the CPU). ``checkpoint_interval``: iterations between resumable checkpoints
+    mode with frozen affine parameters (the reference warm-up's ``--freeze_bn``). ``amp: bf16`` autocasts on
+    CUDA and on the CPU, ``fp16`` on CUDA only (float32 on the CPU). ``checkpoint_interval``: iterations between resumable checkpoints
     (``out/checkpoints/last.pt``); ``log_interval``: iterations per line of ``out/metrics.jsonl``. The losses
     are read from the device (and checked for NaN/Inf) at log and checkpoint iterations only.
     """

@@ -81,9 +81,11 @@ def load_model_from_checkpoint(path: str | Path, device: torch.device | str = "c
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast (float16 where bf16 is unsupported) on CUDA when ``enabled``; else a no-op."""
-    if not enabled or device.type != "cuda":
+    """bfloat16 autocast when ``enabled`` (on CUDA float16 where the GPU has no bf16); else a no-op."""
+    if not enabled:
         return contextlib.nullcontext()
+    if device.type != "cuda":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
 

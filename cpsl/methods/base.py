@@ -26,7 +26,10 @@ from cpsl.train.optim import build_sgd, poly_scheduler
 
 
 class Amp:
-    """Mixed precision on CUDA only: ``off`` | ``bf16`` | ``fp16`` (fp16 with a GradScaler); a no-op on CPU.
+    """Mixed precision: ``off`` | ``bf16`` | ``fp16`` (fp16 with a GradScaler). bf16 autocasts on CUDA and on the
+    CPU alike (the same operations run in bf16 on both: convolutions and matrix products; softmax, losses and
+    reductions in float32; float32 master weights), so CPU runs and tests go through the regions a GPU run uses;
+    fp16 applies on CUDA only.
 
     Methods run forward passes under ``autocast()``, call ``backward(loss)`` and ``step(optimizer)``; the loop
     calls ``update()`` once per iteration.
@@ -35,7 +38,7 @@ class Amp:
     def __init__(self, mode: str, device: torch.device) -> None:
         self.mode = mode
         self.device = device
-        self.enabled = mode != "off" and device.type == "cuda"
+        self.enabled = mode == "bf16" or (mode == "fp16" and device.type == "cuda")
         self.dtype = torch.bfloat16 if mode == "bf16" else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.enabled and mode == "fp16")
 

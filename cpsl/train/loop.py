@@ -333,8 +333,8 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     if cfg.data.batch_size % info.world_size:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by the {info.world_size} "
                           "processes")
-    if cfg.amp != "off" and info.device.type != "cuda":
-        _say(info, f"amp: {cfg.amp!r} applies on CUDA only; running in float32 on {info.device}")
+    if cfg.amp == "fp16" and info.device.type != "cuda":
+        _say(info, f"amp: 'fp16' applies on CUDA only (bf16 works on both); running in float32 on {info.device}")
     D.seed_everything(cfg.seed)
     amp = Amp(cfg.amp, info.device)
     ctx = TrainContext(info.device, info, amp)
