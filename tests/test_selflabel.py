@@ -524,3 +524,41 @@ def test_prototype_ema_takes_the_first_step_with_p(pair_dir):  # noqa: F811
     m.train_mode()
     m.step(b2)
     assert torch.allclose(m.prototypes_ema, 0.999 * p1 + 0.001 * m.prototypes.detach(), atol=1e-7)
+
+
+def test_resume_mid_ring_continues_bit_identically(pair_dir):  # noqa: F811
+    # A 24-row queue, 16 rows per iteration: after 2 iterations it is full with its newest row at buffer row 16. A
+    # method restored from that state (through the checkpoint's weights-only serialisation) holds the queue from
+    # buffer row 0, and continues exactly as the uninterrupted one: every sum over the queue runs in queue order.
+    import io
+    cfg = load(TrainConfig, stage1_dict(pair_dir, **{"selflabel.cutmix_p": 0.0, "selflabel.queue_length": 24}))
+    a = build_method(cfg, _ctx())
+    batches = _batches(cfg, a, 4)
+
+    def run(m, todo, first):
+        out = []
+        for i, batch in enumerate(todo):
+            torch.manual_seed(100 + first + i)   # dropout: the loop's RNG state, restored by the checkpoint
+            m.train_mode()
+            out.append(m.step(batch))
+            m.schedulers["student"].step()
+        return out
+
+    run(a, batches[:2], 0)
+    assert a.queue.full and a.queue.head == 16
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = build_method(cfg, _ctx())
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    assert b.queue.head == 0 and not torch.equal(b.queue.feats, a.queue.feats)
+    la, lb = run(a, batches[2:], 2), run(b, batches[2:], 2)
+    assert all(x["contrast"] > 0 for x in la)
+    assert [{k: float(v) for k, v in x.items()} for x in la] == [{k: float(v) for k, v in x.items()} for x in lb]
+    sa, sb = a.state_dict(), b.state_dict()
+    for key in ("model", "ema_model"):
+        assert all(torch.equal(sa[key][k], sb[key][k]) for k in sa[key]), key
+    assert torch.equal(sa["prototypes"], sb["prototypes"]) and torch.equal(sa["prototypes_ema"], sb["prototypes_ema"])
+    for k in ("feats", "logits", "labels"):
+        assert torch.equal(sa["queues"][k], sb["queues"][k]), k
+    assert (a.queue.head, b.queue.head) == (8, 16)

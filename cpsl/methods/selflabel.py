@@ -545,7 +545,8 @@ class SelfLabel(Method):
         the rectified labels of the same pixels. Reference mode: anchors on the student's own grid, one permutation
         per image (as the reference's loop draws them; drawn for the global batch, each rank takes its images'
         rows), labels read at the same flat indices of the crop labels stretched onto the full-image grid
-        (misaligned, spec 7 item 3).
+        (misaligned, spec 7 item 3). The queue is read in queue order (newest first), as the shifting queue was:
+        the same float sums (a copy of the feature queue per iteration; the pushes copy nothing).
         """
         n = self.cfg.selflabel.pixels_per_image
         if stretched is None:
@@ -562,8 +563,9 @@ class SelfLabel(Method):
             anchors = safe_normalize(take_pixels(feat, idx), dim=1)
             a_labels = stretched.flatten(1).gather(1, idx.clamp(max=stretched[0].numel() - 1)).reshape(-1)
         anchors, a_labels = anchors.reshape(-1, n, anchors.shape[-1]), a_labels.reshape(-1, n)
-        losses = [contrastive_loss(anchors[i], a_labels[i], self.queue.feats, self.queue.labels,
-                                   self.cfg.selflabel.tau) for i in range(anchors.shape[0])]
+        q_feats, q_labels = self.queue.newest_first(self.queue.feats), self.queue.newest_first(self.queue.labels)
+        losses = [contrastive_loss(anchors[i], a_labels[i], q_feats, q_labels, self.cfg.selflabel.tau)
+                  for i in range(anchors.shape[0])]
         return torch.stack(losses).mean()
 
     def _reference_samples(self, ema_feat: Tensor, ema_logits: Tensor, labels: Tensor, gen: torch.Generator
