@@ -169,12 +169,16 @@ def tiny(tmp_path_factory):
 STEPS = {"evaluate": (EvaluateConfig, evaluate), "pseudo_soft": (PseudoSoftConfig, pseudo_soft),
          "pseudo_hard": (PseudoHardConfig, pseudo_hard), "prototypes": (PrototypesConfig, prototypes),
          "class_dist": (ClassDistConfig, class_dist)}
-# host syncs of a run over two images, one per batch
+# host syncs of a run over two images, one per batch: only the outputs' copies to the host. Counts by
+# inference.count_ids (index_add_) instead of bincount and boolean masks. Before #26: evaluate 9 (per image
+# two boolean masks and a bincount for the confusion matrix, and the sample; the total), pseudo_soft 2,
+# pseudo_hard 4 (the label and the confidence), prototypes 8 (a bincount per image; 6 copies of the results),
+# class_dist 3 (a bincount per image; the counts)
 INFERENCE_SYNCS = {
-    "evaluate": 7,      # per image: the boolean masks of the confusion matrix (2) and the sample; the total
-    "pseudo_soft": 2,   # per image: the quantised map to the host
-    "pseudo_hard": 4,   # per image: the label and the confidence to the host
-    "prototypes": 6,    # per image: 3 copies to the host (the accumulators)
+    "evaluate": 3,      # per image the sample; the confusion matrix at the end
+    "pseudo_soft": 2,   # per image: the quantised map
+    "pseudo_hard": 2,   # per image: the label and the confidence in one int32 map
+    "prototypes": 3,    # the sums and the two counts at the end
     "class_dist": 1,    # the counts at the end
 }
 
