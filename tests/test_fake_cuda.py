@@ -10,6 +10,7 @@ the losses they were called on (float32 scalars on the device) and hands the opt
 from __future__ import annotations
 
 import math
+import unittest.mock as um
 from pathlib import Path
 
 import pytest
@@ -183,19 +184,24 @@ INFERENCE_SYNCS = {
 }
 
 
-@pytest.mark.parametrize("step", sorted(STEPS))
-def test_inference_steps_on_fake_cuda(tiny, tmp_path, monkeypatch, step):
-    data, ckpt = tiny
+def run_inference_step(step: str, data: Path, ckpt: Path, out: Path) -> FakeCuda:
+    """``step`` over ``data`` with ``ckpt`` on fake CUDA (one image per batch, bf16 autocast) into ``out``."""
     cls, module = STEPS[step]
     cfg = cls(checkpoint=ckpt, data=data, device="cuda", amp=True, workers=0, progress=False, batch_size=1)
-    monkeypatch.setattr(D, "setup", lambda preference="auto": DistInfo(0, 1, 0, CUDA))
     models = []
     load = inference.load_model_from_checkpoint
-    monkeypatch.setattr(inference, "load_model_from_checkpoint", lambda *a: models.append(load(*a)) or models[-1])
     torch.backends.cudnn.benchmark = False
-    with FakeCuda() as fc:
-        module.run(cfg, tmp_path / "out")
-        _check_placed(models[0][0])
+    with um.patch.object(D, "setup", lambda preference="auto": DistInfo(0, 1, 0, CUDA)), \
+            um.patch.object(inference, "load_model_from_checkpoint", lambda *a: models.append(load(*a)) or models[-1]):
+        with FakeCuda() as fc:
+            module.run(cfg, out)
+            _check_placed(models[0][0])
+    return fc
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_inference_steps_on_fake_cuda(tiny, tmp_path, step):
+    fc = run_inference_step(step, *tiny, tmp_path / "out")
     assert set(fc.dtypes["conv"]) == {torch.bfloat16}, fc.dtypes["conv"]
     assert set(fc.dtypes["softmax"]) <= {torch.float32}, fc.dtypes["softmax"]
     assert fc.counts()["syncs"] == INFERENCE_SYNCS[step], f"{step}: {fc.counts()}, syncs by kind: {dict(fc.syncs)}"
