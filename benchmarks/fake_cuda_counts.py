@@ -1,6 +1,7 @@
-"""Host syncs, host-to-device copies and kernel launches of one training iteration of every stage, counted on
-fake CUDA tensors (tests/fake_cuda.py) with the tests' tiny model: what the GPU path does per iteration, without
-a GPU. The counts do not depend on the model's size, except ``launches`` (per layer) and the EMA update.
+"""Host syncs, host-to-device copies and kernel launches of one training iteration of every stage, and of every
+inference step over two images, counted on fake CUDA tensors (tests/fake_cuda.py) with the tests' tiny model:
+what the GPU path does per iteration, without a GPU. The counts do not depend on the model's size, except
+``launches`` (per layer) and the EMA update.
 
     .venv/bin/python benchmarks/fake_cuda_counts.py [--out counts.json]
 
@@ -24,7 +25,8 @@ import torch  # noqa: E402
 from cpsl.config import PseudoHardConfig, TrainConfig, load  # noqa: E402
 from cpsl.steps import pseudo_hard  # noqa: E402
 from tests.test_distill import _tiny_checkpoint  # noqa: E402
-from tests.test_fake_cuda import _fill_queue, _one_iteration  # noqa: E402
+from tests.inference_fixtures import random_split, tiny_checkpoint  # noqa: E402
+from tests.test_fake_cuda import STEPS, _fill_queue, _one_iteration, run_inference_step  # noqa: E402
 from tests.test_selflabel import stage1_dict  # noqa: E402
 from tests.train_helpers import prepared_pair, train_dict, well_conditioned_init  # noqa: E402
 
@@ -63,11 +65,22 @@ def main() -> None:
     for name, r in rows.items():
         kinds = ", ".join(f"{k} {v}" for k, v in r["syncs_by_kind"].items())
         print(f"| {name} | {r['syncs']} ({kinds}) | {r['h2d_pageable']} | {r['h2d_pinned']} | {r['launches']} |")
+    steps = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data, ckpt = random_split(Path(tmp), n=2, size=(33, 65)), tiny_checkpoint(Path(tmp) / "ck.pt", iteration=42)
+        for step in sorted(STEPS):
+            fc = run_inference_step(step, data, ckpt, Path(tmp) / step)
+            steps[step] = {**fc.counts(), "syncs_by_kind": dict(fc.syncs)}
+    print("\n| inference step (two images, one per batch) | host syncs | kernel launches |")
+    print("|---|---|---|")
+    for name, r in steps.items():
+        kinds = ", ".join(f"{k} {v}" for k, v in r["syncs_by_kind"].items())
+        print(f"| {name} | {r['syncs']} ({kinds}) | {r['launches']} |")
     ema = ema_launches()
     print(f"\nEMA update of DeepLab-v2 ResNet-101 (ModelConfig()): {ema['tensors']} tensors, "
           f"{ema['per_tensor']} launches one tensor at a time, {ema['foreach']} with torch._foreach")
     if args.out:
-        args.out.write_text(json.dumps({"iteration": rows, "ema_resnet101": ema}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"iteration": rows, "inference": steps, "ema_resnet101": ema}, indent=2) + "\n")
 
 
 def ema_launches() -> dict[str, int]:

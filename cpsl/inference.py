@@ -129,6 +129,14 @@ def predict_probs(model: nn.Module, images: torch.Tensor, out_size: tuple[int, i
 # Processes, sharding, outputs
 
 
+def count_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """How often each of 0..n-1 occurs in ``ids`` (every id must be one of them): int64 (n,) on their device.
+    ``torch.bincount(ids, minlength=n)`` without its host syncs on CUDA (it reads the ids' min and max to size its
+    output); the same counts."""
+    ids = ids.flatten().long()
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
+
+
 def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
     """The images of one rank: ``range(rank, n, world_size)`` (every image exactly once over all ranks)."""
     return list(range(rank, n, world_size))

@@ -12,7 +12,7 @@ Counted per run (``fc.counts()``):
 
 ``syncs``      the host waits for the device: a value read on the host (``.item()``, ``bool()``, ``float()``,
                ``.tolist()``), a device-to-host copy, an operation whose output size depends on the data
-               (``nonzero``, boolean-mask indexing, ``masked_select``, ``unique``...)
+               (``nonzero``, boolean-mask indexing, ``masked_select``, ``unique``, ``bincount``...)
 ``h2d_pageable``  host-to-device copies from pageable (unpinned) memory: the host waits for them too
 ``h2d_pinned``    host-to-device copies from pinned memory (asynchronous with ``non_blocking``)
 ``launches``   operations that would launch a kernel: every operation with a CUDA output, except views and
@@ -76,10 +76,11 @@ class FakeCudaTensor(torch.Tensor):
         raise RuntimeError(f"{func}: a fake CUDA tensor used outside `with FakeCuda()`")
 
 
-# operations whose output size depends on the values: the host must wait for the device
+# operations whose output size depends on the values (bincount: on the ids' maximum; CUDA reads their min and max)
+# or that return a host value: the host must wait for the device
 _DATA_DEPENDENT = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default, aten._unique.default,
                    aten.unique_dim.default, aten.unique_consecutive.default, aten.equal.default,
-                   aten.repeat_interleave.Tensor, aten.nonzero_static.default}
+                   aten.repeat_interleave.Tensor, aten.nonzero_static.default, aten.bincount.default}
 _ALLOCATIONS = {aten.empty.memory_format, aten.empty_strided.default, aten.new_empty.default,
                 aten.new_empty_strided.default, aten.empty_like.default}
 _INDEXING = {aten.index.Tensor, aten.index_put_.default, aten.index_put.default, aten._index_put_impl_.default}

@@ -10,6 +10,7 @@ the losses they were called on (float32 scalars on the device) and hands the opt
 from __future__ import annotations
 
 import math
+import unittest.mock as um
 from pathlib import Path
 
 import pytest
@@ -37,8 +38,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # Per iteration on fake CUDA: (host syncs, host-to-device copies from pageable memory). The losses stay on the
 # device (the loop reads them at log and checkpoint iterations only: test_train_loop); the batch comes from pinned
 # memory (the loop's loaders pin it on CUDA) and so do the keys, grids and masks the methods build on the host.
-# Before #26: source_only/oracle (1, 0), warmup (3, 0), stage 2/3 (3, 4), stage 1 (6, 14), with the contrastive
-# term (12, 12); stages 1-3 crashed before getting there.
+# The contrastive term is one batched computation with fixed shapes (no bool(), no boolean-mask indexing) and the
+# queue a ring buffer written in place. Before #26: source_only/oracle (1, 0), warmup (3, 0), stage 2/3 (3, 4),
+# stage 1 (6, 14), with the contrastive term (12, 12), (6, 0) before its batched rewrite; stages 1-3 crashed
+# before getting there.
 TRAIN_SYNCS = {
     "source_only": (0, 0),
     "oracle": (0, 0),
@@ -46,7 +49,7 @@ TRAIN_SYNCS = {
     "stage2": (0, 0),
     "stage3": (0, 0),
     "stage1": (0, 0),
-    "stage1_contrast": (6, 0),  # contrastive_loss, per image: bool(valid.any()) and 2 boolean-mask indexings
+    "stage1_contrast": (0, 0),
 }
 
 
@@ -167,29 +170,38 @@ def tiny(tmp_path_factory):
 STEPS = {"evaluate": (EvaluateConfig, evaluate), "pseudo_soft": (PseudoSoftConfig, pseudo_soft),
          "pseudo_hard": (PseudoHardConfig, pseudo_hard), "prototypes": (PrototypesConfig, prototypes),
          "class_dist": (ClassDistConfig, class_dist)}
-# host syncs of a run over two images, one per batch
+# host syncs of a run over two images, one per batch: only the outputs' copies to the host. Counts by
+# inference.count_ids (index_add_) instead of bincount and boolean masks. Before #26: evaluate 9 (per image
+# two boolean masks and a bincount for the confusion matrix, and the sample; the total), pseudo_soft 2,
+# pseudo_hard 4 (the label and the confidence), prototypes 8 (a bincount per image; 6 copies of the results),
+# class_dist 3 (a bincount per image; the counts)
 INFERENCE_SYNCS = {
-    "evaluate": 7,      # per image: the boolean masks of the confusion matrix (2) and the sample; the total
-    "pseudo_soft": 2,   # per image: the quantised map to the host
-    "pseudo_hard": 4,   # per image: the label and the confidence to the host
-    "prototypes": 6,    # per image: 3 copies to the host (the accumulators)
+    "evaluate": 3,      # per image the sample; the confusion matrix at the end
+    "pseudo_soft": 2,   # per image: the quantised map
+    "pseudo_hard": 2,   # per image: the label and the confidence in one int32 map
+    "prototypes": 3,    # the sums and the two counts at the end
     "class_dist": 1,    # the counts at the end
 }
 
 
-@pytest.mark.parametrize("step", sorted(STEPS))
-def test_inference_steps_on_fake_cuda(tiny, tmp_path, monkeypatch, step):
-    data, ckpt = tiny
+def run_inference_step(step: str, data: Path, ckpt: Path, out: Path) -> FakeCuda:
+    """``step`` over ``data`` with ``ckpt`` on fake CUDA (one image per batch, bf16 autocast) into ``out``."""
     cls, module = STEPS[step]
     cfg = cls(checkpoint=ckpt, data=data, device="cuda", amp=True, workers=0, progress=False, batch_size=1)
-    monkeypatch.setattr(D, "setup", lambda preference="auto": DistInfo(0, 1, 0, CUDA))
     models = []
     load = inference.load_model_from_checkpoint
-    monkeypatch.setattr(inference, "load_model_from_checkpoint", lambda *a: models.append(load(*a)) or models[-1])
     torch.backends.cudnn.benchmark = False
-    with FakeCuda() as fc:
-        module.run(cfg, tmp_path / "out")
-        _check_placed(models[0][0])
+    with um.patch.object(D, "setup", lambda preference="auto": DistInfo(0, 1, 0, CUDA)), \
+            um.patch.object(inference, "load_model_from_checkpoint", lambda *a: models.append(load(*a)) or models[-1]):
+        with FakeCuda() as fc:
+            module.run(cfg, out)
+            _check_placed(models[0][0])
+    return fc
+
+
+@pytest.mark.parametrize("step", sorted(STEPS))
+def test_inference_steps_on_fake_cuda(tiny, tmp_path, step):
+    fc = run_inference_step(step, *tiny, tmp_path / "out")
     assert set(fc.dtypes["conv"]) == {torch.bfloat16}, fc.dtypes["conv"]
     assert set(fc.dtypes["softmax"]) <= {torch.float32}, fc.dtypes["softmax"]
     assert fc.counts()["syncs"] == INFERENCE_SYNCS[step], f"{step}: {fc.counts()}, syncs by kind: {dict(fc.syncs)}"

@@ -192,6 +192,53 @@ def test_contrastive_by_hand():
     assert contrastive_loss(a, torch.tensor([255]), q, ql, tau).item() == 0.0
 
 
+def _contrastive_one_image_at_a_time(anchors, labels, queue_feats, queue_labels, tau):
+    """The loss as written before #26 (one image at a time, keeping the valid anchors by boolean indexing):
+    the oracle of the batched ``contrastive_loss``."""
+    losses = []
+    for a, y in zip(anchors, labels):
+        keep = y != 255
+        if not bool(keep.any()):
+            losses.append(a.sum() * 0.0)
+            continue
+        logits = a[keep] @ queue_feats.t() / tau
+        logits = logits - logits.max(1, keepdim=True).values.detach()
+        ok = (queue_labels != 255)[None, :]
+        pos = (y[keep][:, None] == queue_labels[None, :]) & ok
+        exp = torch.exp(logits)
+        log_prob = logits - torch.log(exp + (exp * (~pos & ok)).sum(1, keepdim=True))
+        losses.append((-(log_prob * pos).sum(1) / (pos.sum(1) + 1e-5)).mean())
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("b, n, d, length", [(4, 16, 8, 256), (3, 64, 32, 4096)])
+def test_batched_contrastive_equals_the_per_image_mean(b, n, d, length):
+    # one image with no valid anchor (it counts 0 in the mean over images), one with half of them ignored, a class
+    # absent from the queue (anchors without positives), ignored queue rows
+    g = torch.Generator().manual_seed(b)
+    anchors = F.normalize(torch.randn(b, n, d, generator=g), dim=-1).requires_grad_()
+    labels = torch.randint(0, N_CLASS, (b, n), generator=g)
+    labels[0] = 255
+    labels[1, : n // 2] = 255
+    labels[2, :3] = N_CLASS - 1
+    q_labels = torch.randint(0, N_CLASS - 1, (length,), generator=g)
+    q_labels[: length // 8] = 255
+    q_feats = F.normalize(torch.randn(length, d, generator=g), dim=-1)
+    saved = []   # the sizes of the tensors the graph keeps for the backward pass
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        got = contrastive_loss(anchors, labels, q_feats, q_labels, 0.08)
+    assert max(saved) == length * d < b * n * length    # the queue; no (images, anchors, queue rows) tensor
+    want = _contrastive_one_image_at_a_time(anchors, labels, q_feats, q_labels, 0.08)
+    (g_got,), (g_want,) = torch.autograd.grad(got, anchors), torch.autograd.grad(want, anchors)
+    assert 1.0 < got.item() < 20.0
+    assert abs(got.item() - want.item()) <= 1e-6 and (g_got - g_want).abs().max() <= 1e-6
+    assert g_got[0].abs().max() == 0 and g_got[1, : n // 2].abs().max() == 0 and g_got[1:].abs().max() > 0
+    # the queue's row order does not matter (up to float summation order): the ring buffer reads it as stored
+    perm = torch.randperm(length, generator=g)
+    assert contrastive_loss(anchors, labels, q_feats[perm], q_labels[perm], 0.08).item() == \
+        pytest.approx(got.item(), abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # CutMix, sampling, EMA
 
@@ -472,21 +519,22 @@ def test_reference_contrast_anchors_draw_one_permutation_per_image(pair_dir, mon
     monkeypatch.setattr("cpsl.methods.selflabel.contrastive_loss",
                         lambda a, y, qf, ql, tau: calls.append((a, y)) or a.sum() * 0.0)
     m._contrastive(feat, None, None, torch.Generator().manual_seed(1), stretched)
-    assert len(calls) == 2
-    idx = [calls[0][1], calls[1][1] - 153]
-    for i, (anchors, _) in enumerate(calls):
+    (anchors, labels), = calls       # one call for the batch: (images, anchors, D) and (images, anchors)
+    assert anchors.shape == (2, 8, TINY_MODEL["head_channels"]) and labels.shape == (2, 8)
+    idx = [labels[0], labels[1] - 153]
+    for i in range(2):
         assert idx[i].unique().numel() == 8 and int(idx[i].max()) < 45
-        assert torch.allclose(anchors, F.normalize(feat[i].flatten(1)[:, idx[i]].t(), dim=1), atol=1e-6)
+        assert torch.allclose(anchors[i], F.normalize(feat[i].flatten(1)[:, idx[i]].t(), dim=1), atol=1e-6)
     assert not torch.equal(idx[0], idx[1])
     # under DDP the permutations are drawn for the global batch: rank 1 of 2 gets what images 2, 3 of one
     # process get
     calls.clear()
     m._contrastive(torch.cat([feat, feat]), None, None, torch.Generator().manual_seed(1), torch.cat([stretched] * 2))
-    single = [y for _, y in calls[2:]]
+    single = calls[0][1][2:]
     calls.clear()
     monkeypatch.setattr(m, "_world", lambda: (1, 2))
     m._contrastive(feat, None, None, torch.Generator().manual_seed(1), stretched)
-    assert [torch.equal(y, z) for (_, y), z in zip(calls, single)] == [True, True]
+    assert torch.equal(calls[0][1], single)
 
 
 def test_consistency_teacher_is_the_softmax_of_the_warped_scores():
@@ -524,3 +572,41 @@ def test_prototype_ema_takes_the_first_step_with_p(pair_dir):  # noqa: F811
     m.train_mode()
     m.step(b2)
     assert torch.allclose(m.prototypes_ema, 0.999 * p1 + 0.001 * m.prototypes.detach(), atol=1e-7)
+
+
+def test_resume_mid_ring_continues_bit_identically(pair_dir):  # noqa: F811
+    # A 24-row queue, 16 rows per iteration: after 2 iterations it is full with its newest row at buffer row 16. A
+    # method restored from that state (through the checkpoint's weights-only serialisation) holds the queue from
+    # buffer row 0, and continues exactly as the uninterrupted one: every sum over the queue runs in queue order.
+    import io
+    cfg = load(TrainConfig, stage1_dict(pair_dir, **{"selflabel.cutmix_p": 0.0, "selflabel.queue_length": 24}))
+    a = build_method(cfg, _ctx())
+    batches = _batches(cfg, a, 4)
+
+    def run(m, todo, first):
+        out = []
+        for i, batch in enumerate(todo):
+            torch.manual_seed(100 + first + i)   # dropout: the loop's RNG state, restored by the checkpoint
+            m.train_mode()
+            out.append(m.step(batch))
+            m.schedulers["student"].step()
+        return out
+
+    run(a, batches[:2], 0)
+    assert a.queue.full and a.queue.head == 16
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = build_method(cfg, _ctx())
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    assert b.queue.head == 0 and not torch.equal(b.queue.feats, a.queue.feats)
+    la, lb = run(a, batches[2:], 2), run(b, batches[2:], 2)
+    assert all(x["contrast"] > 0 for x in la)
+    assert [{k: float(v) for k, v in x.items()} for x in la] == [{k: float(v) for k, v in x.items()} for x in lb]
+    sa, sb = a.state_dict(), b.state_dict()
+    for key in ("model", "ema_model"):
+        assert all(torch.equal(sa[key][k], sb[key][k]) for k in sa[key]), key
+    assert torch.equal(sa["prototypes"], sb["prototypes"]) and torch.equal(sa["prototypes_ema"], sb["prototypes_ema"])
+    for k in ("feats", "logits", "labels"):
+        assert torch.equal(sa["queues"][k], sb["queues"][k]), k
+    assert (a.queue.head, b.queue.head) == (8, 16)

@@ -72,29 +72,60 @@ def test_safe_normalize_keeps_zero_vectors_inert():
     assert torch.isfinite(p.grad).all() and p.grad[1].abs().max() == 0  # F.normalize would give 1e12
 
 
+def _queue_rows(start: int, n: int):
+    v = torch.arange(start, start + n, dtype=torch.float32)
+    return v[:, None].repeat(1, 2), v[:, None].repeat(1, 3), torch.arange(start, start + n)
+
+
+def _in_queue_order(q: PixelQueue, name: str) -> list:
+    return q.newest_first(getattr(q, name)).tolist()
+
+
 def test_queue_push_order_newest_first_oldest_dropped():
     q = PixelQueue(length=6, feat_dim=2, n_class=3)
     assert not q.full and q.filled == 0 and (q.labels == 255).all()
+    buffers = (q.feats.data_ptr(), q.logits.data_ptr(), q.labels.data_ptr())
 
-    def rows(start: int, n: int):
-        v = torch.arange(start, start + n, dtype=torch.float32)
-        return v[:, None].repeat(1, 2), v[:, None].repeat(1, 3), torch.arange(start, start + n)
-
-    q.push(*rows(0, 2))   # [0 1 . . . .]
-    q.push(*rows(10, 2))  # [10 11 0 1 . .]
+    q.push(*_queue_rows(0, 2))   # queue order [0 1 . . . .]
+    q.push(*_queue_rows(10, 2))  # [10 11 0 1 . .]
     assert q.filled == 4 and not q.full
-    assert q.labels.tolist() == [10, 11, 0, 1, 255, 255]
-    q.push(*rows(20, 2))
-    assert q.full and q.labels.tolist() == [20, 21, 10, 11, 0, 1]
-    q.push(*rows(30, 2))  # the oldest pair (0, 1) falls off the back
-    assert q.labels.tolist() == [30, 31, 20, 21, 10, 11] and q.filled == 6
-    assert q.feats[:, 0].tolist() == [30, 31, 20, 21, 10, 11] and q.logits[:, 2].tolist() == q.feats[:, 1].tolist()
+    assert _in_queue_order(q, "labels") == [10, 11, 0, 1, 255, 255]
+    assert q.labels.tolist() == [255, 255, 10, 11, 0, 1] and q.head == 2   # the ring: written in place
+    q.push(*_queue_rows(20, 2))
+    assert q.full and _in_queue_order(q, "labels") == [20, 21, 10, 11, 0, 1] and q.head == 0
+    q.push(*_queue_rows(30, 2))  # the oldest pair (0, 1) falls off the back
+    assert _in_queue_order(q, "labels") == [30, 31, 20, 21, 10, 11] and q.filled == 6
+    assert q.labels.tolist() == [20, 21, 10, 11, 30, 31]
+    assert q.feats[:, 0].tolist() == q.labels.tolist() and q.logits[:, 2].tolist() == q.feats[:, 1].tolist()
+    assert (q.feats.data_ptr(), q.logits.data_ptr(), q.labels.data_ptr()) == buffers
+    assert q.newest_first(q.labels, torch.tensor([7])).tolist() == [30, 31, 20, 21, 10, 11, 7]
+
+    # the checkpoint holds the queue order, the format of the shifting queue; a loaded queue starts at head 0
     state = q.state_dict()
+    assert set(state) == {"feats", "logits", "labels", "filled"} and state["filled"] == 6
+    assert state["labels"].tolist() == [30, 31, 20, 21, 10, 11] and state["feats"][:, 0].tolist() == \
+        state["labels"].tolist() and state["logits"][:, 0].tolist() == state["labels"].tolist()
     r = PixelQueue(6, 2, 3)
     r.load_state_dict(state)
-    assert r.full and torch.equal(r.feats, q.feats) and torch.equal(r.labels, q.labels)
+    assert r.full and r.head == 0 and r.labels.tolist() == [30, 31, 20, 21, 10, 11]
+    for x in (q, r):
+        x.push(*_queue_rows(40, 2))
+    for name in ("feats", "logits", "labels"):
+        assert torch.equal(q.newest_first(getattr(q, name)), r.newest_first(getattr(r, name))), name
     with pytest.raises(ValueError):
         PixelQueue(4, 2, 3).load_state_dict(state)
+
+
+def test_queue_push_wraps_around_the_end_of_the_buffers():
+    # pushes of 4 rows into 6: the writes wrap; the queue order is the shifting queue's (empty rows: 0, label 255)
+    q = PixelQueue(length=6, feat_dim=2, n_class=3)
+    shifted: list = [255] * 6
+    for start in (0, 10, 20, 30):
+        q.push(*_queue_rows(start, 4))
+        shifted = list(range(start, start + 4)) + shifted[:2]
+        assert _in_queue_order(q, "labels") == shifted
+        assert _in_queue_order(q, "feats") == [[v % 255] * 2 for v in shifted]
+    assert q.full and q.state_dict()["labels"].tolist() == [30, 31, 32, 33, 20, 21]
 
 
 def test_self_label_loss_values_queue_use_and_gradients():

@@ -301,30 +301,86 @@ def consistency_teacher(scores: Tensor, in_crop: Tensor, params: Sequence[Strong
     return F.softmax(warped[:, :-1] / tau, dim=1), valid & (warped[:, -1] > 0.5)
 
 
+class _ContrastTerms(torch.autograd.Function):
+    """Per-anchor terms ``-sum_pos log_prob / (#pos + 1e-5)`` (B, n) of ``contrastive_loss``, with a written-out
+    backward that recomputes the (B, n, L) logits from the anchors and the queue: between the forward and the
+    backward pass nothing of size B*n*L stays alive (autograd would keep two float and two bool tensors of that
+    size per image, until the iteration's backward), and each pass holds two float and two bool tensors of that
+    size at a time (in-place steps). Both passes do the arithmetic autograd does on the loss as written before
+    #26 (one image at a time), step for step, so values and gradients are the same bit for bit (up to the sign
+    of zeros); the backward's steps, with e = exp(logit), N = sum_neg e, g = -grad / (#pos + 1e-5)::
+
+        d/d denom = -g pos / denom,   d/d e = d/d denom + neg sum_L(d/d denom),
+        d/d logit = g pos + e d/d e,  d/d anchors = (d/d logit / tau) @ queue
+    """
+
+    @staticmethod
+    def _logits(anchors: Tensor, queue_feats: Tensor, tau: float) -> Tensor:
+        logits = anchors @ queue_feats.t()
+        logits.div_(tau)
+        return logits.sub_(logits.amax(-1, keepdim=True))
+
+    @staticmethod
+    def _masks(anchor_labels: Tensor, queue_labels: Tensor) -> tuple[Tensor, Tensor]:
+        """(not positive, not negative) (B, n, L): the queue rows to leave out of each sum."""
+        ignored = queue_labels == IGNORE_INDEX
+        same = anchor_labels[..., None] == queue_labels
+        not_neg = same | ignored
+        return same.logical_not_().logical_or_(ignored), not_neg
+
+    @staticmethod
+    def forward(ctx: Any, anchors: Tensor, anchor_labels: Tensor, queue_feats: Tensor, queue_labels: Tensor,
+                tau: float) -> Tensor:
+        not_pos, not_neg = _ContrastTerms._masks(anchor_labels, queue_labels)
+        log_prob = _ContrastTerms._logits(anchors, queue_feats, tau)
+        exp = torch.exp(log_prob)
+        neg_sum = exp.masked_fill_(not_neg, 0.0).sum(-1, keepdim=True)
+        del not_neg
+        torch.exp(log_prob, out=exp)
+        log_prob.sub_(exp.add_(neg_sum).log_())                       # logit - log(exp(logit) + neg_sum)
+        del exp
+        n_pos = (queue_labels.shape[0] - not_pos.sum(-1)) + 1e-5
+        ctx.save_for_backward(anchors, anchor_labels, queue_feats, queue_labels, neg_sum, n_pos)
+        ctx.tau = tau
+        return -log_prob.masked_fill_(not_pos, 0.0).sum(-1) / n_pos
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        anchors, anchor_labels, queue_feats, queue_labels, neg_sum, n_pos = ctx.saved_tensors
+        not_pos, not_neg = _ContrastTerms._masks(anchor_labels, queue_labels)
+        g = (-(grad / n_pos))[..., None]
+        exp = _ContrastTerms._logits(anchors, queue_feats, ctx.tau).exp_()
+        d = torch.add(exp, neg_sum)                                      # denom
+        torch.div(-g, d, out=d).masked_fill_(not_pos, 0.0)               # d/d denom
+        torch.where(not_neg, d, d.sum(-1, keepdim=True), out=d)          # d/d e
+        d.mul_(exp)
+        d.add_(exp.copy_(g.expand_as(exp)).masked_fill_(not_pos, 0.0))  # d/d logit
+        del exp
+        return d.div_(ctx.tau) @ queue_feats, None, None, None, None
+
+
 def contrastive_loss(anchors: Tensor, anchor_labels: Tensor, queue_feats: Tensor, queue_labels: Tensor,
                      tau: float = 0.08) -> Tensor:
-    """The reference's pixel contrastive loss for one image (``CustomModel.contrastive``).
+    """The reference's pixel contrastive loss (``CustomModel.contrastive``), averaged over B images.
 
-    ``anchors`` (n, D) L2-normalised student features, ``queue_feats`` (L, D) normalised EMA features.
-    ``logit_j = a.q_j / tau - max_j``; negatives: queue rows with another label;
-    ``log_prob_j = logit_j - log(exp(logit_j) + sum_neg exp(logit))``; per anchor
-    ``-sum_pos log_prob / (#pos + 1e-5)``; mean over the anchors with a valid label. Queue rows labelled 255
-    are neither positives nor negatives (our addition; the reference has no ignored rows).
+    ``anchors`` (B, n, D) L2-normalised student features with ``anchor_labels`` (B, n) (or (n, D) and (n,):
+    one image); ``queue_feats`` (L, D) normalised EMA features with ``queue_labels`` (L,) (no gradient to the
+    queue; its row order changes only the rounding of the sums). ``logit_j = a.q_j / tau - max_j``; negatives:
+    queue rows with another label; ``log_prob_j = logit_j - log(exp(logit_j) + sum_neg exp(logit))``; per anchor
+    ``-sum_pos log_prob / (#pos + 1e-5)``; per image the mean over its anchors with a valid label (0 for an image
+    without one); the mean over the images. Queue rows labelled 255 are neither positives nor negatives (our
+    addition; the reference has no ignored rows).
+
+    One computation for the batch with fixed shapes: masks select and weight, so nothing waits for the device
+    (no ``bool()``, no boolean-mask indexing); the (B, n, L) work is in ``_ContrastTerms``.
     """
-    valid = anchor_labels != IGNORE_INDEX
-    if not bool(valid.any()):
-        return anchors.sum() * 0.0
-    a, ya = anchors[valid].float(), anchor_labels[valid]
-    logits = a @ queue_feats.float().t() / tau
-    logits = logits - logits.max(1, keepdim=True).values.detach()
-    q_ok = (queue_labels != IGNORE_INDEX)[None, :]
-    pos = (ya[:, None] == queue_labels[None, :]) & q_ok
-    neg = (~pos) & q_ok
-    exp = torch.exp(logits)
-    neg_sum = (exp * neg).sum(1, keepdim=True)
-    log_prob = logits - torch.log(exp + neg_sum)
-    per_anchor = -(log_prob * pos).sum(1) / (pos.sum(1) + 1e-5)
-    return per_anchor.mean()
+    if anchors.dim() == 2:
+        anchors, anchor_labels = anchors[None], anchor_labels[None]
+    per_anchor = _ContrastTerms.apply(anchors.float(), anchor_labels, queue_feats.float().detach(), queue_labels,
+                                      tau)
+    valid = (anchor_labels != IGNORE_INDEX).float()
+    per_image = (per_anchor * valid).sum(-1) / valid.sum(-1).clamp(min=1.0)
+    return per_image.mean()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -545,7 +601,8 @@ class SelfLabel(Method):
         the rectified labels of the same pixels. Reference mode: anchors on the student's own grid, one permutation
         per image (as the reference's loop draws them; drawn for the global batch, each rank takes its images'
         rows), labels read at the same flat indices of the crop labels stretched onto the full-image grid
-        (misaligned, spec 7 item 3).
+        (misaligned, spec 7 item 3). The queue is read in queue order (newest first), as the shifting queue was:
+        the same float sums (a copy of the feature queue per iteration; the pushes copy nothing).
         """
         n = self.cfg.selflabel.pixels_per_image
         if stretched is None:
@@ -558,13 +615,12 @@ class SelfLabel(Method):
             b, hw = feat.shape[0], feat.shape[-2] * feat.shape[-1]
             rank, world = self._world()
             perms = torch.stack([torch.randperm(hw, generator=gen)[:n] for _ in range(b * world)])
-            idx = perms[rank * b:(rank + 1) * b].to(feat.device)
+            idx = host_to_device(perms[rank * b:(rank + 1) * b], feat.device)
             anchors = safe_normalize(take_pixels(feat, idx), dim=1)
             a_labels = stretched.flatten(1).gather(1, idx.clamp(max=stretched[0].numel() - 1)).reshape(-1)
-        anchors, a_labels = anchors.reshape(-1, n, anchors.shape[-1]), a_labels.reshape(-1, n)
-        losses = [contrastive_loss(anchors[i], a_labels[i], self.queue.feats, self.queue.labels,
-                                   self.cfg.selflabel.tau) for i in range(anchors.shape[0])]
-        return torch.stack(losses).mean()
+        return contrastive_loss(anchors.reshape(-1, n, anchors.shape[-1]), a_labels.reshape(-1, n),
+                                self.queue.newest_first(self.queue.feats), self.queue.newest_first(self.queue.labels),
+                                self.cfg.selflabel.tau)
 
     def _reference_samples(self, ema_feat: Tensor, ema_logits: Tensor, labels: Tensor, gen: torch.Generator
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:

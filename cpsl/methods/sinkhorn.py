@@ -7,9 +7,10 @@ Three plain pieces, each testable alone:
   classes. Each pixel's assignment sums to 1 and, as the iterations converge, the mean assignment of class k
   over the pixels approaches ``marginal[k]`` (the warm-up model's predicted class distribution, not 1/K: this is
   what makes the self-labeling *class-balanced*). With a uniform marginal it is the plain (SwAV) Sinkhorn.
-* ``PixelQueue``: a FIFO of sampled pixels, three aligned tensors (EMA features, EMA logits, labels). The
-  newest rows are at the FRONT (row 0), as in the reference, and the oldest fall off the back. ``full`` once
-  ``length`` rows have been pushed.
+* ``PixelQueue``: a FIFO of sampled pixels, three aligned tensors (EMA features, EMA logits, labels), stored as
+  a ring buffer (a push writes n rows in place: no copy of the queue) and read in queue order
+  (``newest_first``): the newest rows first, as in the reference, and the oldest fall off the back. ``full``
+  once ``length`` rows have been pushed.
 * ``self_label_loss``: for each image in order, Sinkhorn over ``[queue; this image's pixels]`` (the queue only
   once it is full, as in the reference), push the image's pixels, and the cross-entropy between the Sinkhorn
   assignment of the image's pixels and ``softmax(cos(feature, P) / tau)``. Two branches share the prediction:
@@ -90,11 +91,17 @@ def safe_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
 class PixelQueue:
     """FIFO of ``length`` sampled pixels: ``feats`` (L, D) float, ``logits`` (L, K) float, ``labels`` (L,) long.
 
-    ``push(feats, logits, labels)`` shifts the queue back by n rows and writes the n new rows at the front
-    (rows 0..n-1, in the given order); the n oldest rows (the back) are dropped. ``filled`` counts the rows
-    pushed so far (capped at ``length``), ``full`` says whether the queue holds ``length`` real rows.
-    Empty rows are zeros with label 255. ``state_dict`` / ``load_state_dict`` make it part of the resumable
-    checkpoint (key ``queues``).
+    A ring buffer. In *queue order* the newest rows come first: ``push(feats, logits, labels)`` puts the n new
+    rows in front (in the given order) and drops the n oldest from the back, as the reference's shift does. The
+    buffers hold the rows rotated: queue row r is buffer row ``(head + r) % length``, so a push moves ``head`` back
+    by n and writes the n rows there (one or two slice writes; no copy of the queue, no host sync). Everything
+    that reads the queue reads it in queue order, through ``newest_first`` (one concatenation, which the
+    Sinkhorn makes anyway), so every float sum over its rows runs in the order of the shifting queue it replaces
+    and the buffers' rotation is never seen: same numbers, and ``head`` need not be saved. ``filled`` counts the
+    rows pushed so far (capped at ``length``), ``full`` says whether the queue holds ``length`` real rows. Empty
+    rows are zeros with label 255. ``state_dict`` / ``load_state_dict`` (checkpoint key ``queues``: ``feats``,
+    ``logits``, ``labels`` in queue order and ``filled``, the format of the shifting queue) make it part of the
+    resumable checkpoint.
     """
 
     def __init__(self, length: int, feat_dim: int, n_class: int, device: torch.device | str = "cpu") -> None:
@@ -103,10 +110,16 @@ class PixelQueue:
         self.logits = torch.zeros(self.length, n_class, device=device)
         self.labels = torch.full((self.length,), IGNORE_INDEX, dtype=torch.long, device=device)
         self.filled = 0
+        self.head = 0
 
     @property
     def full(self) -> bool:
         return self.filled >= self.length
+
+    def newest_first(self, rows: Tensor, *after: Tensor) -> Tensor:
+        """``rows`` (one per buffer row: a buffer, or a product of one such as ``feats @ P^T``) in queue order,
+        followed by the rows of ``after``: one new tensor."""
+        return torch.cat([rows[self.head:], rows[:self.head], *after])
 
     @torch.no_grad()
     def push(self, feats: Tensor, logits: Tensor, labels: Tensor) -> None:
@@ -114,15 +127,17 @@ class PixelQueue:
         if not (logits.shape[0] == labels.shape[0] == n) or n > self.length:
             raise ValueError(f"push of {feats.shape[0]}/{logits.shape[0]}/{labels.shape[0]} rows into a queue of "
                              f"{self.length}")
+        self.head = (self.head - n) % self.length
+        first = min(n, self.length - self.head)  # rows before the end of the buffers; the rest wrap to row 0
         for buf, new in ((self.feats, feats), (self.logits, logits), (self.labels, labels)):
-            if n < self.length:
-                buf[n:] = buf[:-n].clone()
-            buf[:n] = new.to(buf.dtype)
+            buf[self.head:self.head + first] = new[:first]
+            if first < n:
+                buf[:n - first] = new[first:]
         self.filled = min(self.length, self.filled + n)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"feats": self.feats.detach().clone(), "logits": self.logits.detach().clone(),
-                "labels": self.labels.detach().clone(), "filled": int(self.filled)}
+        return {"feats": self.newest_first(self.feats.detach()), "logits": self.newest_first(self.logits.detach()),
+                "labels": self.newest_first(self.labels.detach()), "filled": int(self.filled)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in ("feats", "logits", "labels"):
@@ -131,6 +146,7 @@ class PixelQueue:
                 raise ValueError(f"queue {name}: checkpoint has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
             dst.copy_(src)
         self.filled = int(state["filled"])
+        self.head = 0
 
 
 def self_label_loss(
@@ -172,10 +188,10 @@ def self_label_loss(
         f_i, o_i, y_i = feats[i * n:(i + 1) * n], logits[i * n:(i + 1) * n], labels[i * n:(i + 1) * n]
         s_i = f_i @ p_norm.t()
         with torch.no_grad():
-            if queue.full:
+            if queue.full:  # the queue's rows in queue order (newest first), then the image's
                 q_scores = queue.feats @ (prototypes.t() if reference_scores else p_norm.t())
-                s_all = torch.cat([q_scores, s_i])
-                o_all = torch.cat([queue.logits, o_i])
+                s_all = queue.newest_first(q_scores, s_i)
+                o_all = queue.newest_first(queue.logits, o_i)
             else:
                 s_all, o_all = s_i, o_i
             q_feat = sinkhorn(s_all, marginal, epsilon, iters)[-n:]

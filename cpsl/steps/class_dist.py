@@ -36,7 +36,7 @@ def run(cfg: ClassDistConfig, out: Path) -> dict:
                                             show_progress=info.is_main):
             logits = inference.forward(setup.model, batch.images, cfg.amp)["out"]
             with torch.inference_mode():
-                counts += torch.bincount(logits.argmax(1).flatten(), minlength=n_class)
+                counts += inference.count_ids(logits.argmax(1), n_class)
         inference.all_reduce_(counts, info)
         counts_np = counts.cpu().numpy().astype(np.int64)
         total = int(counts_np.sum())

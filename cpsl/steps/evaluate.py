@@ -54,6 +54,7 @@ def confusion(cfg: EvaluateConfig, setup: inference.Setup,
     n_class = setup.model_config.n_class
     cm = ConfusionMatrix(n_class)
     hist = torch.zeros(n_class * n_class, dtype=torch.int64, device=setup.info.device)
+    ignored = n_class * n_class  # one more bin, for the ignored pixels: fixed shapes, no host sync
     input_size = tuple(cfg.input_size) if cfg.input_size else None
     for batch in inference.iter_batches(setup.split, setup.indices, cfg, setup.info.device, "evaluate",
                                         labels=True, input_size=input_size, show_progress=setup.info.is_main):
@@ -72,8 +73,8 @@ def confusion(cfg: EvaluateConfig, setup: inference.Setup,
                 if samples is not None and len(samples) < cfg.samples:
                     samples[index] = pred.to("cpu", torch.uint8).numpy()
                 gt = label.to(setup.info.device, torch.int64).flatten()
-                valid = gt < n_class
-                hist += torch.bincount(gt[valid] * n_class + pred.flatten()[valid], minlength=n_class * n_class)
+                cells = torch.where(gt < n_class, gt * n_class + pred.flatten(), ignored)
+                hist += inference.count_ids(cells, ignored + 1)[:ignored]
     hist = inference.all_reduce_(hist.clone(), setup.info)
     cm.merge(hist.cpu().numpy().reshape(n_class, n_class))
     return cm.hist

@@ -47,8 +47,7 @@ def class_sums(feat: torch.Tensor, pred: torch.Tensor, n_class: int) -> tuple[to
     flat = feat.reshape(d, -1).t()
     idx = pred.reshape(-1)
     sums = torch.zeros(n_class, d, dtype=flat.dtype, device=flat.device).index_add_(0, idx, flat)
-    counts = torch.bincount(idx, minlength=n_class)
-    return sums, counts
+    return sums, inference.count_ids(idx, n_class)
 
 
 def running_mean(vectors: torch.Tensor, valid: torch.Tensor, cap: int, passes: int = 1) -> tuple[torch.Tensor,
@@ -91,9 +90,9 @@ def run(cfg: PrototypesConfig, out: Path) -> dict:
                     sums = torch.zeros(n_class, dim, dtype=torch.float64, device=dev)
                     pixel_counts = torch.zeros(n_class, dtype=torch.int64, device=dev)
                     image_counts = torch.zeros(n_class, dtype=torch.int64, device=dev)
-                    if cfg.mode == "image_mean":
-                        vectors = torch.zeros(n_images, n_class, dim, dtype=torch.float32)
-                        valid = torch.zeros(n_images, n_class, dtype=torch.int64)
+                    if cfg.mode == "image_mean":  # on the device: read once, at the end
+                        vectors = torch.zeros(n_images, n_class, dim, dtype=torch.float32, device=dev)
+                        valid = torch.zeros(n_images, n_class, dtype=torch.int64, device=dev)
                 for i, feat, pred in zip(batch.indices, feats, preds):
                     s, c = class_sums(feat, pred, n_class)
                     sums += s.double()
@@ -101,8 +100,8 @@ def run(cfg: PrototypesConfig, out: Path) -> dict:
                     ok = c >= cfg.min_pixels
                     image_counts += ok.long()
                     if vectors is not None:
-                        vectors[i] = (s / c.clamp_min(1)[:, None].to(s.dtype)).cpu()
-                        valid[i] = ok.long().cpu()
+                        vectors[i] = s / c.clamp_min(1)[:, None].to(s.dtype)
+                        valid[i] = ok.long()
         # ranks with no image still take part in the reductions
         if dim is None:
             dim = setup.model_config.head_channels
@@ -110,25 +109,26 @@ def run(cfg: PrototypesConfig, out: Path) -> dict:
             pixel_counts = torch.zeros(n_class, dtype=torch.int64, device=dev)
             image_counts = torch.zeros(n_class, dtype=torch.int64, device=dev)
             if cfg.mode == "image_mean":
-                vectors = torch.zeros(n_images, n_class, dim, dtype=torch.float32)
-                valid = torch.zeros(n_images, n_class, dtype=torch.int64)
+                vectors = torch.zeros(n_images, n_class, dim, dtype=torch.float32, device=dev)
+                valid = torch.zeros(n_images, n_class, dtype=torch.int64, device=dev)
         for t in (sums, pixel_counts, image_counts):
             inference.all_reduce_(t, info)
+        sums, pixel_counts, image_counts = sums.cpu(), pixel_counts.cpu(), image_counts.cpu()
         if cfg.mode == "pixel":
-            protos = (sums / pixel_counts.clamp_min(1)[:, None].double()).float().cpu()
-            counts = pixel_counts.cpu()
+            protos = (sums / pixel_counts.clamp_min(1)[:, None].double()).float()
+            counts = pixel_counts
         else:
             inference.all_reduce_(vectors, info)
             inference.all_reduce_(valid, info)
-            obj, _ = running_mean(vectors, valid.bool(), cfg.cap, cfg.passes)
+            obj, _ = running_mean(vectors.cpu(), valid.cpu().bool(), cfg.cap, cfg.passes)
             protos = obj.float()
-            counts = image_counts.cpu()
+            counts = image_counts
         classes = list(setup.split.classes)
         never = [classes[k] for k in range(n_class) if int(counts[k]) == 0]
         summary = {
             "mode": cfg.mode, "n_class": n_class, "feature_dim": int(dim), "classes": classes,
-            "counts": [int(v) for v in counts], "pixel_counts": [int(v) for v in pixel_counts.cpu()],
-            "image_counts": [int(v) for v in image_counts.cpu()], "never_predicted": never,
+            "counts": [int(v) for v in counts], "pixel_counts": [int(v) for v in pixel_counts],
+            "image_counts": [int(v) for v in image_counts], "never_predicted": never,
             "norms": [round(float(v), 6) for v in protos.norm(dim=1)],
             "min_pixels": cfg.min_pixels if cfg.mode == "image_mean" else None,
             "cap": cfg.cap if cfg.mode == "image_mean" else None,
@@ -140,7 +140,7 @@ def run(cfg: PrototypesConfig, out: Path) -> dict:
         with inference.staged_dir(out, info, "prototypes") as tmp:
             if info.is_main:
                 torch.save({"prototypes": protos.contiguous(), "counts": counts.to(torch.int64),
-                            "pixel_counts": pixel_counts.cpu(), "image_counts": image_counts.cpu(),
+                            "pixel_counts": pixel_counts, "image_counts": image_counts,
                             "mode": cfg.mode, "classes": classes, "normalized": False}, tmp / "prototypes.pt")
                 inference.write_json(tmp / "prototypes.json", summary)
         if never and info.is_main:

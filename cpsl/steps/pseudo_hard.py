@@ -50,7 +50,9 @@ def run(cfg: PseudoHardConfig, out: Path) -> dict:
                     with torch.inference_mode():
                         conf, label = probs.max(1)
                         conf_q = (conf.clamp(0, 1) * pseudo.CONF_LEVELS).round().to(torch.int32)
-                        label, conf_q = label.to(torch.uint8).cpu().numpy(), conf_q.cpu().numpy().astype(np.uint16)
+                        # one copy to the host: the 16-bit confidence above the 8-bit label
+                        packed = (conf_q * 256 + label.to(torch.int32)).cpu().numpy()
+                        label, conf_q = (packed & 255).astype(np.uint8), (packed >> 8).astype(np.uint16)
                     del probs, conf
                     for name, lab, cq in zip(batch.names, label, conf_q):
                         writer.submit(_write, tmp, name, lab, cq, classes if cfg.color else None)
