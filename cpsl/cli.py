@@ -40,6 +40,8 @@ STEPS: tuple[Step, ...] = (
          "SynthConfig", "cpsl.data.synth:generate"),
     Step("prepare", "scan a dataset, check it, convert labels to train ids, write lists and class counts",
          "PrepareConfig", "cpsl.steps.prepare:run"),
+    Step("fetch-weights", "download torchvision's ImageNet weights of a backbone once, hash-checked (model.init: "
+         "imagenet)", "FetchWeightsConfig", "cpsl.steps.fetch_weights:run", replaces_out=False),
     Step("import-checkpoint", "convert a released reference CPSL .pkl checkpoint into our format",
          "ImportCheckpointConfig", "cpsl.steps.import_checkpoint:run", replaces_out=False),
     Step("pseudo-soft", "soft pseudo labels (quantised class probabilities at output resolution) of a split",

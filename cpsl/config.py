@@ -232,6 +232,7 @@ class SynthConfig:
 
 
 RANDOM_INIT = "random"             # ``model.init: random``: random initial weights, said explicitly
+IMAGENET_INIT = "imagenet"         # ``model.init: imagenet``: torchvision's file, fetched by the workflow
 LARGE_BACKBONES = ("resnet101", "resnet50")
 
 
@@ -273,6 +274,16 @@ class ModelConfig:
                _join(prefix, "aspp_dilations"),
                f"must be a non-empty list of integers >= 1 (got {self.aspp_dilations})")
         _check(0.0 <= self.dropout < 1.0, _join(prefix, "dropout"), f"must be in [0, 1) (got {self.dropout})")
+
+
+@dataclass
+class FetchWeightsConfig:
+    """Settings of ``cpsl fetch-weights``: torchvision's ImageNet weights of ``backbone`` (``model.init:
+    imagenet``), from ``url`` when set (a mirror; its file name carries the hash that is checked)."""
+
+    backbone: Literal["resnet101", "resnet50", "resnet18"] = "resnet101"
+    url: str | None = None
+    progress: bool = True
 
 
 @dataclass
@@ -628,8 +639,8 @@ class TrainConfig:
         _check(self.model.backbone not in LARGE_BACKBONES or self.model.init is not None
                or self.init_checkpoint is not None, _join(prefix, "model.init"),
                f"not set for a {self.model.backbone} (the paper's network): the stage would train "
-               f"{self.max_iters} iterations from random weights. Set it to the ImageNet weights (torchvision's "
-               f"resnet101-5d3b4d8f.pth, see the README) or write `init: {RANDOM_INIT}` to mean it")
+               f"{self.max_iters} iterations from random weights. Write `init: {IMAGENET_INIT}` (the workflow "
+               f"fetches torchvision's file once), give that file's path, or write `init: {RANDOM_INIT}` to mean it")
         if self.stage == "stage1":
             self._check_sample_grid(prefix)
 

@@ -409,6 +409,44 @@ def _model_settings(config: dict, exp: str) -> dict:
     return model
 
 
+def weights_dir(config: dict) -> Path:
+    """Where ``cpsl fetch-weights`` caches downloaded initial weights (shared by every experiment)."""
+    return results_dir(config) / "weights"
+
+
+def imagenet_url(config: dict, backbone: str) -> str:
+    """torchvision's ImageNet file of ``backbone``, or the mirror that ``imagenet_urls.<backbone>`` names."""
+    from cpsl.steps.fetch_weights import url_for
+
+    return url_for(backbone, (config.get("imagenet_urls") or {}).get(backbone))
+
+
+def imagenet_file(config: dict, exp: str, stage: str) -> Path | None:
+    """The cached ImageNet file that ``stage``'s ``model.init: imagenet`` resolves to (None otherwise)."""
+    from cpsl.steps.fetch_weights import file_name
+
+    model = _stage_settings(config, exp, stage)["model"]
+    if model.get("init") != C.IMAGENET_INIT:
+        return None
+    backbone = model.get("backbone", "resnet101")
+    return weights_dir(config) / file_name(imagenet_url(config, backbone))
+
+
+def fetch_configs(config: dict) -> dict[str, dict]:
+    """The ``cpsl fetch-weights`` settings per cached file name, for every stage that uses ``init: imagenet``."""
+    from cpsl.steps.fetch_weights import file_name
+
+    out = {}
+    for exp in selected_experiments(config):
+        for stage in stages(config, exp):
+            if imagenet_file(config, exp, stage) is not None:
+                backbone = _stage_settings(config, exp, stage)["model"].get("backbone", "resnet101")
+                url = imagenet_url(config, backbone)
+                out[file_name(url)] = C.to_dict(C.load(C.FetchWeightsConfig, {"backbone": backbone, "url": url,
+                                                                              "progress": False}))
+    return out
+
+
 def train_config(config: dict, exp: str, seed: int, stage: str) -> dict:
     """The resolved ``cpsl train`` settings of one stage: ``train`` (shared) merged with ``stages.<stage>``,
     the experiment's ``model``, the prepared data folders, and the stage/experiment/seed names."""
@@ -436,6 +474,9 @@ def train_config(config: dict, exp: str, seed: int, stage: str) -> dict:
         target[name] = value
     if "model.init" in inputs:
         merged["model"]["init_format"] = "checkpoint"
+    imagenet = imagenet_file(config, exp, stage)
+    if imagenet is not None:
+        merged["model"].update(init=str(imagenet), init_format="torchvision")
     return C.to_dict(C.load(C.TrainConfig, merged, f"{base}.stages.{stage}"))
 
 
@@ -506,6 +547,8 @@ def step_config_files(config: dict) -> dict[str, Path]:
                 files[f"{tag}/{product}_{stage}"] = write_step_config(
                     sdir / f"{product}_{stage}.yaml",
                     inference_config(config, exp, seed, product, stage, "target_train"))
+    for name, fetch in fetch_configs(config).items():
+        files[f"fetch/{name}"] = write_step_config(results_dir(config) / "configs" / f"fetch_{name}.yaml", fetch)
     metrics = metrics_files(config)
     if metrics:
         files["collect"] = write_step_config(results_dir(config) / "configs" / "collect.yaml",

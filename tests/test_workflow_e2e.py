@@ -144,10 +144,10 @@ def test_changing_one_stage_setting_reruns_that_stage_and_its_dependents_only(de
         (demo_run / "tiny.yaml").write_text(yaml.safe_dump(TINY))
 
 
-def _paper_overlay(workdir: Path, roots: dict[str, str | None], init: str | None = None) -> None:
+def _paper_overlay(workdir: Path, roots: dict[str, str | None], **model) -> None:
     sets = {"gta5_cityscapes": {"datasets": {role: {"root": root} for role, root in roots.items()}}}
-    if init is not None:
-        sets["gta5_cityscapes"]["model"] = {"init": init}
+    if model:
+        sets["gta5_cityscapes"]["model"] = model
     (workdir / "tiny.yaml").write_text(yaml.safe_dump({"experiment_settings": sets}))
 
 
@@ -156,19 +156,22 @@ def test_paper_preset_dry_run_lists_the_full_chain(tmp_path):
              (("source", "GTA5"), ("target_train", "cityscapes"), ("target_val", "cityscapes"))}
     for root in roots.values():
         Path(root).mkdir(exist_ok=True)
-    _paper_overlay(tmp_path, roots)
-    # as shipped, the preset names no ImageNet file: one line, before any job (not 90,000 iterations from random)
+    # without ImageNet weights: one line, before any job (not 90,000 iterations from random weights)
+    _paper_overlay(tmp_path, roots, init=None)
     res = snakemake(tmp_path, "-n", "--config", "experiments=[gta5_cityscapes]")
     assert res.returncode == 1
     assert ("cpsl-pipeline: error: experiment_settings.gta5_cityscapes.stages.source_only.model.init: not set for "
             "a resnet101 (the paper's network)") in res.stderr
-    _paper_overlay(tmp_path, roots, init=str(tmp_path / "resnet101-5d3b4d8f.pth"))
+    _paper_overlay(tmp_path, roots)  # as shipped: init: imagenet
     res = snakemake(tmp_path, "-n", "--config", "experiments=[gta5_cityscapes]")
     assert res.returncode == 0, res.stderr[-2000:]
-    # prepare x3; source_only, warmup, oracle, stage1-3; pseudo-soft, prototypes, class-dist, pseudo-hard x2;
-    # one target-val evaluation per stage; the table
-    assert job_counts(res.stdout) == {"prepare": 3, "train": 6, "stage_product": 5, "evaluate": 6, "collect": 1,
-                                      "all": 1, "total": 22}
+    # the ImageNet file (once); prepare x3; source_only, warmup, oracle, stage1-3; pseudo-soft, prototypes,
+    # class-dist, pseudo-hard x2; one target-val evaluation per stage; the table
+    assert job_counts(res.stdout) == {"fetch_weights": 1, "prepare": 3, "train": 6, "stage_product": 5,
+                                      "evaluate": 6, "collect": 1, "all": 1, "total": 23}
+    weights = Path("results") / "weights" / "resnet101-5d3b4d8f.pth"  # relative to the working directory
+    s0 = yaml.safe_load((tmp_path / "results/gta5_cityscapes/seed6523/configs/train_source_only.yaml").read_text())
+    assert s0["model"]["init"] == str(weights) and s0["model"]["init_format"] == "torchvision"
     for stage in ("source_only", "warmup", "oracle", "stage1", "stage2", "stage3"):
         assert f"wildcards: exp=gta5_cityscapes, seed=6523, stage={stage}" in res.stdout, stage
     s2 = yaml.safe_load((tmp_path / "results/gta5_cityscapes/seed6523/configs/train_stage2.yaml").read_text())

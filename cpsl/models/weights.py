@@ -41,6 +41,9 @@ def read_state_dict(path: str | Path, fmt: str = "torchvision", key: str = "mode
     if fmt not in INIT_FORMATS:
         raise ConfigError(f"{key}_format: {fmt!r} is not one of {', '.join(map(repr, INIT_FORMATS))}")
     path = Path(path)
+    if str(path) == "imagenet":
+        raise ConfigError(f"{key}: 'imagenet' is resolved by the workflow, which fetches the file (cpsl "
+                          "fetch-weights); by hand, give the file's path")
     if not path.is_file():
         raise ConfigError(f"{key}: file not found: {path}")
     if fmt == "checkpoint":

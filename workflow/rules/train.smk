@@ -12,7 +12,27 @@ def train_inputs(wc):
         inputs["target"] = W.prepared_dir(config, wc.exp, "target_train")
     for key, path in W.stage_input_files(config, wc.exp, int(wc.seed), wc.stage).items():
         inputs[key.replace(".", "_")] = path
+    imagenet = W.imagenet_file(config, wc.exp, wc.stage)
+    if imagenet is not None:  # model.init: imagenet
+        inputs["imagenet"] = imagenet
     return inputs
+
+
+rule fetch_weights:
+    """torchvision's ImageNet weights for `model.init: imagenet`, downloaded once (hash-checked) into
+    results/weights/; a local rule, so that on a cluster it runs where the network is, before any GPU job."""
+    input:
+        config=lambda wc: STEP_CONFIGS[f"fetch/{wc.name}"],
+    output:
+        W.weights_dir(config) / "{name}",
+    log:
+        RESULTS / "logs" / "fetch_{name}.log",
+    localrule: True
+    params:
+        out=lambda wc, output: str(Path(output[0]).parent),
+        cmd=f"{CPSL} fetch-weights",
+    shell:
+        "{params.cmd} --config {input.config:q} --out {params.out:q} > {log:q} 2>&1"
 
 
 rule train:
