@@ -56,7 +56,8 @@ STEPS: tuple[Step, ...] = (
          "EvaluateConfig", "cpsl.steps.evaluate:run", record_as="evaluate_", replaces_out=False),
     Step("collect", "results table (summary.csv, summary.md) and plots from every stage's metrics.json",
          "CollectConfig", "cpsl.steps.collect:run", record_as="collect_", replaces_out=False),
-    Step("train", "train one stage (source_only, warmup, oracle; the stage is in the config); resumes after a kill",
+    Step("train", "train one stage (source_only, warmup, oracle, stage1-3: the stage is in the config); resumes "
+         "after a kill",
          "TrainConfig", "cpsl.steps.train:run", replaces_out=False),
 )
 

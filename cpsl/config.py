@@ -180,7 +180,8 @@ class DatasetConfig:
     expected_size: list[int] | None = None
     workers: int = 2
     # false: an unlabelled split (real target images usually have no annotations): images only, no labels are
-    # read. It serves the warm-up, the pseudo labels and stages 1-3; it cannot be evaluated on, nor train the oracle.
+    # read. It serves the warm-up, the pseudo labels and stages 1-3; it cannot be evaluated on, nor train the
+    # oracle.
     labels: bool = True
     # 16-bit images (microscopy, remote sensing) become 8-bit as value * 255 / (2**image_bits - 1), clipped; the
     # rule and the bits the data actually use are recorded in meta.json (a warning when they use fewer).
