@@ -578,6 +578,10 @@ class TrainConfig:
     (off on the CPU). ``checkpoint_interval``: iterations between resumable checkpoints
     (``out/checkpoints/last.pt``); ``log_interval``: iterations per line of ``out/metrics.jsonl``. The losses
     are read from the device (and checked for NaN/Inf) at log and checkpoint iterations only.
+    ``reference_class_scaling``: scale the class-count-dependent terms (stage 1's consistency KL and logit-branch
+    Sinkhorn epsilon, the ``kd_mode: reference`` KD term) with the actual number of classes, as the reference
+    does (the paper presets); off (the default), they are scaled as for 19 classes whatever the number is, so that
+    a weight means the same for 2 and for 19 classes (#27; ``cpsl.methods.losses.class_divisor``).
     """
 
     stage: Literal["source_only", "warmup", "oracle", "stage1", "stage2", "stage3"]
@@ -596,6 +600,7 @@ class TrainConfig:
     log_interval: int = 10
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["off", "bf16", "fp16"] = "off"
+    reference_class_scaling: bool = False
 
     def validate(self, prefix: str = "") -> None:
         _check(self.max_iters >= 1, _join(prefix, "max_iters"), f"must be >= 1 (got {self.max_iters})")

@@ -106,12 +106,16 @@ def test_kd_reference_matches_its_formula_by_hand():
     expected = total / (1 * 2 * 1 * 2)
     s = torch.tensor(student, dtype=torch.float64).T.reshape(1, 2, 1, 2)
     t = torch.tensor(teacher, dtype=torch.float64).T.reshape(1, 2, 1, 2)
-    assert kd_reference(s, t).item() == pytest.approx(expected, rel=1e-6)
-    assert kd_loss(s, t, torch.zeros(1, 1, 2, dtype=torch.bool), "reference").item() == pytest.approx(expected,
-                                                                                                        rel=1e-6)
-    assert kd_reference(t, t).item() != pytest.approx(0.0, abs=1e-3)  # not a divergence
+    assert kd_reference(s, t, 2).item() == pytest.approx(expected, rel=1e-6)     # the reference: / C
+    assert kd_loss(s, t, torch.zeros(1, 1, 2, dtype=torch.bool), "reference", 2).item() == pytest.approx(expected,
+                                                                                                           rel=1e-6)
+    # the default class scaling divides by 19 whatever C is (#27): 2/19 of the reference's value for C = 2
+    assert kd_reference(s, t, 19).item() == pytest.approx(expected * 2 / 19, rel=1e-6)
+    assert kd_reference(t, t, 2).item() != pytest.approx(0.0, abs=1e-3)  # not a divergence
     with pytest.raises(ValueError):
         kd_loss(s, t, None, "mse")
+    with pytest.raises(ValueError, match="class divisor"):
+        kd_loss(s, t, None, "reference")
 
 
 # ---------------------------------------------------------------------------------------------------------

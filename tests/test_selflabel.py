@@ -172,11 +172,13 @@ def test_consistency_by_hand_two_classes_two_pixels():
     valid = torch.tensor([[[True, True, False]]])
     kl_a = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # 0.143841
     kl_b = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)    # 0.368064
-    got = consistency_loss(t, valid, s)
+    got = consistency_loss(t, valid, s, 2)
     assert got.item() == pytest.approx((kl_a + kl_b) / (2 * 2), rel=1e-5)   # / (#valid pixels x K) = 0.127976
+    # the default divisor, 19 whatever K is (#27): / (#valid pixels x 19) = 0.026942
+    assert consistency_loss(t, valid, s, 19).item() == pytest.approx((kl_a + kl_b) / (2 * 19), rel=1e-5)
     # the student gets the gradient, the teacher none
     s_param = s.clone().requires_grad_(True)
-    consistency_loss(t, valid, s_param).backward()
+    consistency_loss(t, valid, s_param, 2).backward()
     assert s_param.grad[..., 2].abs().max() == 0 and s_param.grad[..., :2].abs().max() > 0
 
 
