@@ -330,3 +330,24 @@ def test_cli_stage2_then_stage3(pair_dir, stage1, tmp_path):  # noqa: F811
     assert [x["iteration"] for x in lines] == [1, 2, 3] and all("loss/kd" in x for x in lines)
     assert load_checkpoint(out3 / "checkpoint.pt")["extra"]["teacher"] == str(ckpt2)
     assert yaml.safe_load((tmp_path / "s3.yaml").read_text())["distill"]["hard_labels"] == str(hard2)
+
+
+def test_class_shares_of_student_and_teacher_beside_the_warmup_marginal(pair_dir, stage1, tmp_path):  # noqa: F811
+    # #27: the distillation stages count the argmax shares of the student and the teacher on the valid target
+    # pixels; distill.class_dist (the warm-up's marginal, passed by the workflow) is logged beside them
+    dist = tmp_path / "class_distribution.npy"
+    np.save(dist, np.array([2.0, 1.0, 1.0, 0.0]))
+    cfg = load(TrainConfig, _distill_dict(pair_dir, stage1, **{"distill.class_dist": str(dist)}))
+    m = build_method(cfg, _ctx())
+    loaders = build_loaders(cfg, build_datasets(cfg, m.domains, cfg.model.n_class), rank=0, world_size=1,
+                            start_iter=0)
+    batch = {d: to_device(next(iter(loader)), CPU) for d, loader in loaders.items()}
+    m.train_mode()
+    with torch.no_grad():
+        m.losses(batch)
+    counted = m.shares.counts.clone()
+    labels, valid = pseudo_targets(batch["target"], cfg.distill.label_stride, cfg.distill.strong_view)
+    assert counted[0].sum() == counted[1].sum() == valid.sum()            # every valid pixel, once each
+    record, _ = m.log_shares(10)
+    assert [record[f"share/marginal/{k}"] for k in range(4)] == [0.5, 0.25, 0.25, 0.0]
+    assert [record[f"share/teacher/{k}"] for k in range(4)] == pytest.approx((counted[1] / valid.sum()).tolist())

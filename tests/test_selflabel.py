@@ -328,6 +328,14 @@ def test_method_state_groups_and_gradients(pair_dir):  # noqa: F811
     assert m.prototypes[3].abs().max() == 0                               # the zero class stays inert
     assert torch.equal(m.prototypes_ema, m.prototypes.detach())             # Pe takes P's first step
     assert m.queue.filled == 16 and m.prototypes_ema.grad is None
+    # class shares of the step (#27): student and rectified labels on the same target pixels, and the marginal
+    counted = m.shares.counts.clone()
+    assert counted[0].sum() == counted[1].sum() > 0
+    record, text = m.log_shares(1)
+    assert [record[f"share/marginal/{k}"] for k in range(4)] == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    assert sum(record[f"share/student/{k}"] for k in range(4)) == pytest.approx(1.0)
+    assert record["share/teacher/0"] == pytest.approx(float(counted[1, 0] / counted[1].sum()))
+    assert text.startswith("c") and " m." in text and m.shares.counts.sum() == 0
     state = m.state_dict()
     assert {"ema_model", "prototypes", "prototypes_ema", "queues"} <= set(state)
 
@@ -359,6 +367,8 @@ def test_stage1_trains_end_to_end_and_resumes_exactly(tmp_path, pair_dir):  # no
     assert [x["iteration"] for x in lines] == list(range(1, 9))
     assert any(x["loss/cutmix"] == 1.0 for x in lines) and any(x["loss/contrast"] > 0 for x in lines)
     assert lines[0]["lr/prototypes"] == pytest.approx(0.05)             # optim.lr 0.01 x proto_lr_mult 5
+    assert all(sum(x[f"share/{who}/{k}"] for k in range(4)) == pytest.approx(1.0)
+               for x in lines for who in ("student", "teacher", "marginal"))
     killed_lines = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     keep = ("iteration", "loss/")
     assert [{k: v for k, v in x.items() if k.startswith(keep)} for x in killed_lines] == \

@@ -76,6 +76,7 @@ from cpsl.inference import load_model_from_checkpoint
 from cpsl.labels import IGNORE_INDEX
 from cpsl.methods.base import Method, TrainContext, set_requires_grad
 from cpsl.methods.losses import class_divisor, global_mean, seg_cross_entropy, upsample
+from cpsl.methods.selflabel import load_class_marginal
 from cpsl.train.dist import host_to_device
 
 KD_MODES = ("kl", "reference")
@@ -282,6 +283,8 @@ class Distill(Method):
         target = PreparedSplit(cfg.data.target)
         check_hard_labels(d.hard_labels, target, cfg.model.n_class)
         self.teacher, self.teacher_bn_pretrain = load_teacher(d.teacher, cfg.model.n_class, ctx.device)
+        marginal = None if d.class_dist is None else load_class_marginal(d.class_dist, cfg.model.n_class)
+        self.share_monitor(marginal)
         views = ("weak", "strong") if d.strong_view else ("weak",)
         self.domains = {
             "source": {"label": True},
@@ -312,6 +315,7 @@ class Distill(Method):
             ce_source = seg_cross_entropy(ps, src["label"])
             s_logits = upsample(self.net(image)["out"], size)
             ce_pseudo = seg_cross_entropy(s_logits, labels)
+        self.shares.add(s_logits.detach().argmax(1), t_logits.argmax(1), valid)
         kd = kd_loss(s_logits, t_logits, valid, d.kd_mode,
                      class_divisor(self.cfg.model.n_class, self.cfg.reference_class_scaling))
         return {"ce_source": ce_source, "ce_pseudo": ce_pseudo, "kd": kd}

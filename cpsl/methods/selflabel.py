@@ -214,10 +214,17 @@ def cutmix_labels(labels: Tensor, source_label: Tensor, box: tuple[int, int, int
     h, w = labels.shape[-2:]
     hh, ww = source_label.shape[-2:]
     ys, xs = host_to_device(grid_centres(h, hh), labels.device), host_to_device(grid_centres(w, ww), labels.device)
-    y1, x1, y2, x2 = box
-    inside = ((ys >= y1) & (ys < y2))[:, None] & ((xs >= x1) & (xs < x2))[None, :]
     pasted = source_label[:, ys][:, :, xs].to(labels.dtype)
-    return torch.where(inside[None], pasted, labels)
+    return torch.where(box_on_grid((h, w), (hh, ww), box, labels.device)[None], pasted, labels)
+
+
+def box_on_grid(grid_hw: tuple[int, int], crop_hw: tuple[int, int], box: tuple[int, int, int, int],
+                device: torch.device | str) -> Tensor:
+    """(h, w) bool: the cells of an (h, w) grid over an (H, W) crop whose centre pixel lies in the CutMix box."""
+    (h, w), (hh, ww) = grid_hw, crop_hw
+    ys, xs = host_to_device(grid_centres(h, hh), device), host_to_device(grid_centres(w, ww), device)
+    y1, x1, y2, x2 = box
+    return ((ys >= y1) & (ys < y2))[:, None] & ((xs >= x1) & (xs < x2))[None, :]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -399,6 +406,7 @@ class SelfLabel(Method):
         self.prototypes_ema = init.clone().to(ctx.device)
         self.marginal = load_class_marginal(sl.class_dist, n_class).to(ctx.device)
         self.queue = PixelQueue(sl.queue_length, dim, n_class, ctx.device)
+        self.share_monitor(self.marginal)
 
         # The base optimizer again, plus the prototypes' group (reference: 5x lr for head and prototypes).
         self.optimizer = build_sgd(self.student, o.lr, head_lr_mult=o.head_lr_mult,
@@ -484,6 +492,12 @@ class SelfLabel(Method):
         with self.amp.autocast():
             so = self.net(x)
         out_q = upsample(so["out"].float(), self.quarter)
+        # class shares of the student's prediction and of its rectified labels, on the target pixels (not the
+        # CutMix box, not padding)
+        shown = labels != IGNORE_INDEX
+        if cutmix:
+            shown = shown & ~box_on_grid(self.quarter, tuple(x.shape[-2:]), box, x.device)[None]
+        self.shares.add(out_q.detach().argmax(1), labels, shown)
         if sl.sce:
             l_cts, _, _ = sce_loss(out_q, train_labels, sl.sce_alpha, sl.sce_beta)
         else:
