@@ -10,15 +10,17 @@ The pairs (``make_pair``): cell-like scenes, background plus round "nuclei" (the
 pixels) and, for 3 classes, elongated "fibres" (about 20 %). The shift is in appearance only: the source is flat
 and saturated (dark blue background, green nuclei, yellow fibres, little noise); the target is widefield-like:
 an uneven bright background with texture, nuclei with a dark rim and grainy inside in a colour near the source's
-fibres, fibres faded toward the background, blur, sensor noise and a per-image gain. The class shares differ
-between the domains (the target has fewer nuclei), so the warm-up's class marginal is biased, as in #27's report.
+fibres, small debris of that colour on the background, fibres faded toward the background, blur, sensor noise
+and a per-image gain. The class shares differ between the domains (the target has fewer nuclei), so the warm-up's
+class marginal is biased, as in #27's report.
 
-Shrunk against the template (so that the whole run fits in about 40 minutes on 2 shared CPU cores): images
-96x128 instead of the template's 128x256 data (crop 64x96, resize 128), 200 source, 120 target-train and 60
-target-val images; source_only 500, warmup 300, stage1 400, stage2 200, stage3 200 iterations (template: 1,500,
-800, 1,600, 800, 800); queue 2,048 rows (8 iterations of 256 pixels, like the template's 4,096 = 4 iterations at
-twice the pixels per crop... the template's 4 iterations of 4 x 256); no oracle. Everything else is the
-template's.
+Shrunk against the template (so that the whole run, 2 pairs x 3 seeds = 98 jobs, fits in about 40 minutes on 2
+shared CPU cores): images 96x128, crop 64x96 and resize 128 (template: 96x192 crops, resize 256); 200 source,
+120 target-train and 60 target-val images; source_only 500, warmup 300, stage1 400, stage2 200, stage3 200
+iterations (template: 1,500, 800, 1,600, 800, 800); stage 1's queue 2,048 rows, 2 iterations of 4 x 256 pixels
+(template: 4,096, 4 iterations); target_train unlabelled, so no oracle. Everything else (model, learning rates,
+batch 4, every stage-1/2/3 weight, the LAB transfer, the random-colour source-only start) is the template's, at
+the default class scaling (``train.reference_class_scaling: false``).
 
     python benchmarks/few_class.py --out /tmp/few_class [--seeds 0 1 2] [--cores 2] [--classes 2 3]
 """

@@ -175,3 +175,21 @@ def test_share_settings_are_validated(tmp_path, key, value, msg):
     with pytest.raises(ConfigError, match=rf"{key}: {re.escape(msg)}"):
         load(TrainConfig, train_dict(tmp_path, **{key: value}))
 
+
+
+def test_few_class_benchmark_pairs_and_config(tmp_path):
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "few_class.py"
+    spec = importlib.util.spec_from_file_location("few_class", path)
+    fc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fc)
+    shares = fc.make_pair(tmp_path / "few2", 2)
+    # the minority class near 15 % of the target pixels, more of it in the source (a biased warm-up marginal)
+    assert shares["target/val"] == pytest.approx([0.856, 0.144], abs=1e-3)
+    assert shares["source/train"] == pytest.approx([0.8168, 0.1832], abs=1e-4)
+    assert (tmp_path / "few2" / "target" / "classes.txt").read_text() == "background\nnucleus\n"
+    exp = fc.experiment(tmp_path / "few2", 2, [0, 1, 2])
+    assert "oracle" not in exp["stages"] and exp["datasets"]["target_train"]["labels"] is False
+    assert {s: exp["stages"][s]["max_iters"] for s in exp["stages"]} == fc.SCHEDULE
+    assert exp["stages"]["stage1"]["selflabel"] == {"queue_length": 2048, "ema_momentum": 0.98}   # template's
+    assert "reference_class_scaling" not in exp["train"]                                          # the default
