@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -353,7 +354,11 @@ def test_stage1_trains_end_to_end_and_resumes_exactly(tmp_path, pair_dir):  # no
 
     resumed = start_train(config, killed)
     train(load(TrainConfig, cfg), full)  # the uninterrupted run, in this process
-    assert "resuming from" in finish(resumed)
+    log = finish(resumed)
+    assert "resuming from" in log
+    # the progress line's compact class shares: the class farthest from the marginal (0.4, 0.3, 0.2, 0.1)
+    assert re.search(r"share=c(0 s[.0-9]+ t[.0-9]+ m\.40|1 s[.0-9]+ t[.0-9]+ m\.30|2 s[.0-9]+ t[.0-9]+ m\.20|"
+                     r"3 s[.0-9]+ t[.0-9]+ m\.10)\b", log), log[-500:]
 
     a, b = load_checkpoint(killed / "checkpoint.pt"), load_checkpoint(full / "checkpoint.pt")
     assert a["iteration"] == b["iteration"] == 8

@@ -18,8 +18,18 @@ TARGET_LABEL = 1.0
 # the reference KD term) and the Sinkhorn temperature of the logit branch (logits L2-normalised over K). By
 # default (``train.reference_class_scaling: false``) both are scaled as for 19 classes whatever K is, so that a
 # weight means the same per pixel for 2 and for 19 classes and equals the reference's at K = 19; with the switch
-# (the paper presets) they follow the actual K, as the reference does. Every other stage-1/2/3 term is already
-# free of K (derivations in the docstrings of ``cpsl.methods.selflabel`` and ``cpsl.methods.distill``).
+# (the paper presets) they follow the actual K, as the reference does. Every other stage-1/2/3 term is free of K
+# already; per term, what bounds its per-pixel scale:
+#   CE (source, CTS, pseudo labels, SCE's alpha term), KD ``kl``, L_SL (CE against Sinkhorn assignments): the
+#     gradient w.r.t. the logits is p - q, a difference of two distributions, whatever K is;
+#   SCE's reverse term: -sum_k p_k log clamp(onehot_k, 1e-4) = 9.21 (1 - p_y), the mass off the label, in [0, 9.21]
+#     for any K;
+#   tau (rectification, consistency, L_SL) and the contrastive temperature divide cosine similarities of
+#     D-dimensional features, which do not involve K;
+#   rectification: an argmax of softmax(cos / tau) x soft, whose pairwise ratios exp((c_k - c_j) / tau) do not
+#     involve K; ``train_threshold`` is a top-class share (floor 1/K), 0 (off) by default;
+#   Sinkhorn, feature branch: cosine scores, as tau. The contrastive term's positives are the queue rows of the
+#     anchor's class: their number follows the class *shares* (the data's balance), not K.
 REFERENCE_N_CLASS = 19
 
 
