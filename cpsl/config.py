@@ -605,8 +605,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["off", "bf16", "fp16"] = "off"
     reference_class_scaling: bool = False
-    share_drift: float = 0.15
-    share_drift_logs: int = 5
+    share_drift: float = 0.10
+    share_drift_logs: int = 3
 
     def validate(self, prefix: str = "") -> None:
         _check(self.max_iters >= 1, _join(prefix, "max_iters"), f"must be >= 1 (got {self.max_iters})")

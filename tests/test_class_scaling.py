@@ -98,7 +98,9 @@ def test_presets_set_the_reference_switch_and_the_template_does_not():
     for name in ("gta5_cityscapes", "synthia_cityscapes"):
         assert cfg["experiment_settings"][name]["train"]["reference_class_scaling"] is True
     assert "reference_class_scaling" not in cfg["experiment_settings"]["demo"]["train"]
-    assert TrainConfig.__dataclass_fields__["reference_class_scaling"].default is False
+    fields = TrainConfig.__dataclass_fields__
+    assert fields["reference_class_scaling"].default is False
+    assert (fields["share_drift"].default, fields["share_drift_logs"].default) == (0.10, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------
