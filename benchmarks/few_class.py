@@ -172,7 +172,7 @@ def template_settings() -> dict:
     return yaml.safe_load("\n".join(block))["my_pair"]
 
 
-def experiment(pair: Path, n_class: int, seeds: list[int]) -> dict:
+def experiment(pair: Path, n_class: int, seeds: list[int], reference: bool = False) -> dict:
     exp = template_settings()
     exp["seeds"] = list(seeds)
     exp["n_class"] = n_class
@@ -187,6 +187,9 @@ def experiment(pair: Path, n_class: int, seeds: list[int]) -> dict:
     for stage, iters in SCHEDULE.items():
         stages[stage]["max_iters"] = iters
     stages["stage1"].setdefault("selflabel", {})["queue_length"] = 2048
+    if reference:   # per stage, so that the source-only and warm-up models (and their products) are reused
+        for stage in ("stage1", "stage2", "stage3"):
+            stages[stage]["reference_class_scaling"] = True
     return exp
 
 
@@ -230,35 +233,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", type=int, nargs="+", default=[2, 3], choices=[2, 3])
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--data-only", action="store_true", help="write the pairs and the config, do not run")
+    ap.add_argument("--reference-class-scaling", action="store_true",
+                    help="stages 1-3 with train.reference_class_scaling: true (the behaviour before #27); in the "
+                         "--out of a default run only stages 1-3 and their evaluations rerun (back up results/ first)")
     args = ap.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     exps, settings, shares = [], {}, {}
+    known = json.loads((out / "shares.json").read_text()) if (out / "shares.json").is_file() else {}
     for k in args.classes:
         name = f"few{k}"
-        shares[name] = make_pair(out / "data" / name, k)
-        settings[name] = experiment(out / "data" / name, k, args.seeds)
+        # the pairs are written once per --out (rewriting them would make Snakemake rerun everything)
+        shares[name] = known[name] if name in known else make_pair(out / "data" / name, k)
+        settings[name] = experiment(out / "data" / name, k, args.seeds, args.reference_class_scaling)
         exps.append(name)
     (out / "shares.json").write_text(json.dumps(shares, indent=1))
     print(json.dumps(shares), flush=True)
     cfg = {"experiments": exps, "results_dir": str(out / "results"), "experiment_settings": settings}
-    (out / "few_class.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    print(f"data and config in {time.time() - t0:.0f} s: {out / 'few_class.yaml'}", flush=True)
+    config = out / ("few_class_ref.yaml" if args.reference_class_scaling else "few_class.yaml")
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    print(f"data and config in {time.time() - t0:.0f} s: {config}", flush=True)
     if args.data_only:
         return 0
     cmd = ["snakemake", "--cores", str(args.cores), "--configfile", str(REPO / "config.yaml"),
-           str(out / "few_class.yaml"), "--config", f"experiments=[{','.join(exps)}]",
+           str(config), "--config", f"experiments=[{','.join(exps)}]",
            f"results_dir={out / 'results'}"]
     print(" ".join(cmd), flush=True)
-    with open(out / "snakemake.log", "w") as log:
+    with open(out / ("snakemake_ref.log" if args.reference_class_scaling else "snakemake.log"), "w") as log:
         rc = subprocess.call(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     print(f"snakemake exit {rc} after {time.time() - t0:.0f} s (log: {out / 'snakemake.log'})", flush=True)
     if rc:
         return rc
     table = read_table(out / "results", exps)
     text = markdown(table, args.seeds)
-    (out / "table.md").write_text(text + "\n")
+    (out / ("table_ref.md" if args.reference_class_scaling else "table.md")).write_text(text + "\n")
     print(text)
     return 0
 
