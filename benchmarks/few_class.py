@@ -151,7 +151,8 @@ def make_pair(out: Path, n_class: int, seed: int = 0) -> dict:
         (root / "classes.txt").write_text("\n".join(NAMES[n_class]) + "\n")
         for split, n in splits.items():
             counts = np.zeros(n_class)
-            rng = np.random.default_rng([seed, n_class, ("source", "target").index(domain), ("train", "val").index(split)])
+            rng = np.random.default_rng([seed, n_class, ("source", "target").index(domain),
+                                         ("train", "val").index(split)])
             for i in range(n):
                 label, radial = make_label(rng, n_class, domain)
                 _write(root, split, i, render(rng, label, radial, domain), label)
@@ -213,9 +214,9 @@ def markdown(table: dict, seeds: list[int]) -> str:
         for stage in ("source_only", "warmup", "stage1", "stage2", "stage3"):
             vals = [rows.get(stage, {}).get(s) for s in seeds]
             cells = [f"{v:.1f}" if v is not None else "-" for v in vals]
-            mean = np.mean([v for v in vals if v is not None]) if any(v is not None for v in vals) else None
-            out.append(f"| {stage} | " + " | ".join(cells) + f" | {mean:.1f} |" if mean is not None else
-                       f"| {stage} | " + " | ".join(cells) + " | - |")
+            known = [v for v in vals if v is not None]
+            cells.append(f"{np.mean(known):.1f}" if known else "-")
+            out.append(f"| {stage} | " + " | ".join(cells) + " |")
         w, s1, s3 = (rows.get(k, {}) for k in ("warmup", "stage1", "stage3"))
         if all(s in w and s in s1 and s in s3 for s in seeds):
             d1 = [s1[s] - w[s] for s in seeds]
