@@ -568,6 +568,7 @@ class DistillConfig:
 
     hard_labels: Path | None = None
     teacher: Path | None = None
+    class_dist: Path | None = None    # optional: the warm-up's class marginal, logged beside the class shares
     threshold: float = 0.95
     kd_weight: float = 1.0
     kd_mode: Literal["kl", "reference"] = "kl"
@@ -590,6 +591,13 @@ class TrainConfig:
     CUDA and on the CPU, ``fp16`` on CUDA only (float32 on the CPU). ``checkpoint_interval``: iterations between resumable checkpoints
     (``out/checkpoints/last.pt``); ``log_interval``: iterations per line of ``out/metrics.jsonl``. The losses
     are read from the device (and checked for NaN/Inf) at log and checkpoint iterations only.
+    ``reference_class_scaling``: scale the class-count-dependent terms (stage 1's consistency KL and logit-branch
+    Sinkhorn epsilon, the ``kd_mode: reference`` KD term) with the actual number of classes, as the reference
+    does (the paper presets); off (the default), they are scaled as for 19 classes whatever the number is, so that
+    a weight means the same for 2 and for 19 classes (#27; ``cpsl.methods.losses.class_divisor``).
+    ``share_drift``, ``share_drift_logs``: stages 1-3 warn when the student's predicted share of a class on the
+    target stays more than ``share_drift`` (absolute) from the class marginal (or the teacher's share) for
+    ``share_drift_logs`` logged iterations in a row (``cpsl.methods.shares``).
     """
 
     stage: Literal["source_only", "warmup", "oracle", "stage1", "stage2", "stage3"]
@@ -608,9 +616,16 @@ class TrainConfig:
     log_interval: int = 10
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["off", "bf16", "fp16"] = "off"
+    reference_class_scaling: bool = False
+    share_drift: float = 0.10
+    share_drift_logs: int = 3
 
     def validate(self, prefix: str = "") -> None:
         _check(self.max_iters >= 1, _join(prefix, "max_iters"), f"must be >= 1 (got {self.max_iters})")
+        _check(0.0 < self.share_drift <= 1.0, _join(prefix, "share_drift"),
+               f"must be in (0, 1] (a difference of class shares; got {self.share_drift})")
+        _check(self.share_drift_logs >= 1, _join(prefix, "share_drift_logs"),
+               f"must be >= 1 (logged iterations; got {self.share_drift_logs})")
         _check(self.checkpoint_interval >= 1, _join(prefix, "checkpoint_interval"),
                f"must be >= 1 (got {self.checkpoint_interval})")
         _check(self.log_interval >= 1, _join(prefix, "log_interval"), f"must be >= 1 (got {self.log_interval})")

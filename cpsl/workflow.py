@@ -354,6 +354,9 @@ def stage_inputs(config: dict, exp: str, stage: str) -> dict[str, tuple[str, str
     network without its classifier) or ``init_checkpoint`` (the whole network) when they name an earlier stage's
     checkpoint."""
     inputs = dict(STAGE_INPUTS.get(stage, {}))
+    if stage in ("stage2", "stage3") and "warmup" in listed_stages(config, exp):
+        # the warm-up's class marginal, beside the class shares in the log (cpsl.methods.shares)
+        inputs["distill.class_dist"] = ("warmup", "class_dist")
     settings = _stage_settings(config, exp, stage)
     ref = init_stage(config, exp, stage, settings)
     if ref is not None:

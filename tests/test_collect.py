@@ -156,3 +156,25 @@ def test_one_experiment_with_two_class_lists_is_refused(tmp_path):
     b = _own_metrics(tmp_path, "mine", 1, "warmup", 1.0, {"object": 1.0, "ground": 2.0})
     with pytest.raises(DataError, match=f"^{b}: its classes differ from those of {a} "):
         collect.run(CollectConfig(metrics=[a, b], plots=False), tmp_path / "out")
+
+
+def test_curves_get_a_class_share_row_from_metrics_jsonl(tmp_path, monkeypatch):
+    res = tmp_path / "results"
+    files = [write_metrics(res, "demo", 0, "warmup", 40.0, 90.0, jsonl=True),
+             write_metrics(res, "demo", 0, "stage1", 45.0, 93.0)]
+    lines = [{"iteration": i, "loss/cts": 0.5, "share/student/0": s0, "share/student/1": 1 - s0,
+              "share/teacher/0": 0.7, "share/teacher/1": 0.3, "share/marginal/0": 0.8, "share/marginal/1": 0.2}
+             for i, s0 in ((20, 0.75), (40, 0.64))]
+    (res / "demo" / "seed0" / "stage1" / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    series = collect._series(res / "demo" / "seed0" / "stage1" / "metrics.jsonl")
+    assert series["loss"] == {"cts": [(20, 0.5), (40, 0.5)]}
+    assert series["share"]["student/1"] == [(20, 0.25), (40, pytest.approx(0.36))]
+    assert series["share"]["marginal/1"] == [(20, 0.2), (40, 0.2)] and len(series["share"]) == 6
+    drawn = []
+    monkeypatch.setattr(collect, "_share_panel", lambda ax, stage, shares, names: drawn.append(
+        (stage, sorted(shares), names)) or ax.set_axis_off())
+    collect.run(CollectConfig(metrics=files), res)
+    # one share panel per stage: the warm-up logs no shares (an empty panel), stage 1 its six series
+    assert [(s, len(k)) for s, k, _ in drawn] == [("warmup", 0), ("stage1", 6)]
+    assert drawn[1][2][:2] == ["road", "sidewalk"]
+    assert (res / "plots" / "demo_seed0_curves.png").stat().st_size > 1000

@@ -106,12 +106,16 @@ def test_kd_reference_matches_its_formula_by_hand():
     expected = total / (1 * 2 * 1 * 2)
     s = torch.tensor(student, dtype=torch.float64).T.reshape(1, 2, 1, 2)
     t = torch.tensor(teacher, dtype=torch.float64).T.reshape(1, 2, 1, 2)
-    assert kd_reference(s, t).item() == pytest.approx(expected, rel=1e-6)
-    assert kd_loss(s, t, torch.zeros(1, 1, 2, dtype=torch.bool), "reference").item() == pytest.approx(expected,
-                                                                                                        rel=1e-6)
-    assert kd_reference(t, t).item() != pytest.approx(0.0, abs=1e-3)  # not a divergence
+    assert kd_reference(s, t, 2).item() == pytest.approx(expected, rel=1e-6)     # the reference: / C
+    assert kd_loss(s, t, torch.zeros(1, 1, 2, dtype=torch.bool), "reference", 2).item() == pytest.approx(expected,
+                                                                                                           rel=1e-6)
+    # the default class scaling divides by 19 whatever C is (#27): 2/19 of the reference's value for C = 2
+    assert kd_reference(s, t, 19).item() == pytest.approx(expected * 2 / 19, rel=1e-6)
+    assert kd_reference(t, t, 2).item() != pytest.approx(0.0, abs=1e-3)  # not a divergence
     with pytest.raises(ValueError):
         kd_loss(s, t, None, "mse")
+    with pytest.raises(ValueError, match="class divisor"):
+        kd_loss(s, t, None, "reference")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -326,3 +330,24 @@ def test_cli_stage2_then_stage3(pair_dir, stage1, tmp_path):  # noqa: F811
     assert [x["iteration"] for x in lines] == [1, 2, 3] and all("loss/kd" in x for x in lines)
     assert load_checkpoint(out3 / "checkpoint.pt")["extra"]["teacher"] == str(ckpt2)
     assert yaml.safe_load((tmp_path / "s3.yaml").read_text())["distill"]["hard_labels"] == str(hard2)
+
+
+def test_class_shares_of_student_and_teacher_beside_the_warmup_marginal(pair_dir, stage1, tmp_path):  # noqa: F811
+    # #27: the distillation stages count the argmax shares of the student and the teacher on the valid target
+    # pixels; distill.class_dist (the warm-up's marginal, passed by the workflow) is logged beside them
+    dist = tmp_path / "class_distribution.npy"
+    np.save(dist, np.array([2.0, 1.0, 1.0, 0.0]))
+    cfg = load(TrainConfig, _distill_dict(pair_dir, stage1, **{"distill.class_dist": str(dist)}))
+    m = build_method(cfg, _ctx())
+    loaders = build_loaders(cfg, build_datasets(cfg, m.domains, cfg.model.n_class), rank=0, world_size=1,
+                            start_iter=0)
+    batch = {d: to_device(next(iter(loader)), CPU) for d, loader in loaders.items()}
+    m.train_mode()
+    with torch.no_grad():
+        m.losses(batch)
+    counted = m.shares.counts.clone()
+    labels, valid = pseudo_targets(batch["target"], cfg.distill.label_stride, cfg.distill.strong_view)
+    assert counted[0].sum() == counted[1].sum() == valid.sum()            # every valid pixel, once each
+    record, _ = m.log_shares(10)
+    assert [record[f"share/marginal/{k}"] for k in range(4)] == [0.5, 0.25, 0.25, 0.0]
+    assert [record[f"share/teacher/{k}"] for k in range(4)] == pytest.approx((counted[1] / valid.sum()).tolist())

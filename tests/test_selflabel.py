@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -172,11 +173,13 @@ def test_consistency_by_hand_two_classes_two_pixels():
     valid = torch.tensor([[[True, True, False]]])
     kl_a = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # 0.143841
     kl_b = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)    # 0.368064
-    got = consistency_loss(t, valid, s)
+    got = consistency_loss(t, valid, s, 2)
     assert got.item() == pytest.approx((kl_a + kl_b) / (2 * 2), rel=1e-5)   # / (#valid pixels x K) = 0.127976
+    # the default divisor, 19 whatever K is (#27): / (#valid pixels x 19) = 0.026942
+    assert consistency_loss(t, valid, s, 19).item() == pytest.approx((kl_a + kl_b) / (2 * 19), rel=1e-5)
     # the student gets the gradient, the teacher none
     s_param = s.clone().requires_grad_(True)
-    consistency_loss(t, valid, s_param).backward()
+    consistency_loss(t, valid, s_param, 2).backward()
     assert s_param.grad[..., 2].abs().max() == 0 and s_param.grad[..., :2].abs().max() > 0
 
 
@@ -373,6 +376,14 @@ def test_method_state_groups_and_gradients(pair_dir):  # noqa: F811
     assert m.prototypes[3].abs().max() == 0                               # the zero class stays inert
     assert torch.equal(m.prototypes_ema, m.prototypes.detach())             # Pe takes P's first step
     assert m.queue.filled == 16 and m.prototypes_ema.grad is None
+    # class shares of the step (#27): student and rectified labels on the same target pixels, and the marginal
+    counted = m.shares.counts.clone()
+    assert counted[0].sum() == counted[1].sum() > 0
+    record, text = m.log_shares(1)
+    assert [record[f"share/marginal/{k}"] for k in range(4)] == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    assert sum(record[f"share/student/{k}"] for k in range(4)) == pytest.approx(1.0)
+    assert record["share/teacher/0"] == pytest.approx(float(counted[1, 0] / counted[1].sum()))
+    assert text.startswith("c") and " m." in text and m.shares.counts.sum() == 0
     state = m.state_dict()
     assert {"ema_model", "prototypes", "prototypes_ema", "queues"} <= set(state)
 
@@ -390,7 +401,11 @@ def test_stage1_trains_end_to_end_and_resumes_exactly(tmp_path, pair_dir):  # no
 
     resumed = start_train(config, killed)
     train(load(TrainConfig, cfg), full)  # the uninterrupted run, in this process
-    assert "resuming from" in finish(resumed)
+    log = finish(resumed)
+    assert "resuming from" in log
+    # the progress line's compact class shares: the class farthest from the marginal (0.4, 0.3, 0.2, 0.1)
+    assert re.search(r"share=c(0 s[.0-9]+ t[.0-9]+ m\.40|1 s[.0-9]+ t[.0-9]+ m\.30|2 s[.0-9]+ t[.0-9]+ m\.20|"
+                     r"3 s[.0-9]+ t[.0-9]+ m\.10)\b", log), log[-500:]
 
     a, b = load_checkpoint(killed / "checkpoint.pt"), load_checkpoint(full / "checkpoint.pt")
     assert a["iteration"] == b["iteration"] == 8
@@ -404,6 +419,8 @@ def test_stage1_trains_end_to_end_and_resumes_exactly(tmp_path, pair_dir):  # no
     assert [x["iteration"] for x in lines] == list(range(1, 9))
     assert any(x["loss/cutmix"] == 1.0 for x in lines) and any(x["loss/contrast"] > 0 for x in lines)
     assert lines[0]["lr/prototypes"] == pytest.approx(0.05)             # optim.lr 0.01 x proto_lr_mult 5
+    assert all(sum(x[f"share/{who}/{k}"] for k in range(4)) == pytest.approx(1.0)
+               for x in lines for who in ("student", "teacher", "marginal"))
     killed_lines = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
     keep = ("iteration", "loss/")
     assert [{k: v for k, v in x.items() if k.startswith(keep)} for x in killed_lines] == \

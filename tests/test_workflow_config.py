@@ -161,6 +161,10 @@ def test_later_stages_consume_earlier_products(shipped, tmp_path):
     s3 = yaml.safe_load(files["demo/seed0/train_stage3"].read_text())
     assert s3["init_checkpoint"] == s3["distill"]["teacher"] == str(res / "demo/seed0/stage2/checkpoint.pt")
     assert s3["distill"]["hard_labels"] == str(res / "demo/seed0/stage2/pseudo_hard")
+    # the warm-up's class marginal, logged beside the class shares of stages 2 and 3 (#27)
+    assert s3["distill"]["class_dist"] == s1["selflabel"]["class_dist"]
+    assert W.stage_input_files(shipped, "demo", 0, "stage2")["distill.class_dist"] == \
+        res / "demo/seed0/warmup/class_dist"                # the product folder: a Snakemake input
     assert W.products(shipped, "demo") == [("warmup", "pseudo_soft"), ("warmup", "prototypes"),
                                            ("warmup", "class_dist"), ("stage1", "pseudo_hard"),
                                            ("stage2", "pseudo_hard")]

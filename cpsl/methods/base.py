@@ -20,6 +20,7 @@ from torch import nn
 from cpsl.config import TrainConfig
 from cpsl.errors import CheckpointError
 from cpsl.models import build_model, convert_sync_bn, freeze_bn, place
+from cpsl.methods.shares import ShareMonitor
 from cpsl.models.checkpoint import check_model_fits, load_checkpoint, load_model_state
 from cpsl.train.dist import DistInfo
 from cpsl.train.optim import build_sgd, poly_scheduler
@@ -143,6 +144,17 @@ class Method:
         self.optimizers: dict[str, torch.optim.Optimizer] = {"optimizer": self.optimizer}
         self.schedulers: dict[str, Any] = {"student": poly_scheduler(self.optimizer, cfg.max_iters,
                                                                      o.poly_power)}
+        self.shares: ShareMonitor | None = None   # set by the stages with a teacher (cpsl.methods.shares)
+
+    def share_monitor(self, marginal: torch.Tensor | None) -> ShareMonitor:
+        """The stage's ``ShareMonitor`` (class shares of student, teacher and ``marginal`` on the target)."""
+        self.shares = ShareMonitor(self.cfg.stage, self.cfg.model.n_class, marginal, self.cfg.share_drift,
+                                   self.cfg.share_drift_logs, self.ctx.device, self.ctx.dist.is_main)
+        return self.shares
+
+    def log_shares(self, done: int) -> tuple[dict[str, float], str]:
+        """The class-share entries of metrics.jsonl and the progress text at a log line (every rank calls it)."""
+        return ({}, "") if self.shares is None else self.shares.log(done)
 
     # -- per iteration ------------------------------------------------------------------------------------
     def train_mode(self) -> None:

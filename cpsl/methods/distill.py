@@ -75,7 +75,8 @@ from cpsl.errors import ConfigError, DataError
 from cpsl.inference import load_model_from_checkpoint
 from cpsl.labels import IGNORE_INDEX
 from cpsl.methods.base import Method, TrainContext, set_requires_grad
-from cpsl.methods.losses import global_mean, seg_cross_entropy, upsample
+from cpsl.methods.losses import class_divisor, global_mean, seg_cross_entropy, upsample
+from cpsl.methods.selflabel import load_class_marginal
 from cpsl.train.dist import host_to_device
 
 KD_MODES = ("kl", "reference")
@@ -222,23 +223,30 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return global_mean((per_pixel * valid).sum(), valid.sum())
 
 
-def kd_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """The reference's KD term: ``F.kl_div(softmax(s), softmax(t), reduction='none')`` summed and divided by
-    the element count ``B*C*H*W``, i.e. ``sum t (log t - p_s) / (B C H W)`` with ``p_s`` a probability (spec 7
-    item 2). Kept for the paper presets; not a divergence (it is not 0 for equal inputs and can be negative).
+def kd_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divisor: float) -> torch.Tensor:
+    """The reference's KD term: ``F.kl_div(softmax(s), softmax(t), reduction='none')`` summed over classes and
+    averaged over the ``B*H*W`` pixels, divided by ``divisor``: C, i.e. the reference's mean over the element count
+    ``B*C*H*W``, with ``train.reference_class_scaling`` (the paper presets), or 19 whatever C is (the default,
+    ``losses.class_divisor``): ``sum t (log t - p_s) / (B H W divisor)`` with ``p_s`` a probability (spec 7
+    item 2). Its per-pixel gradient w.r.t. the student's logits, ``-p_j (t_j - t.p) / divisor``, has a class sum
+    bounded independently of C, so dividing by C made a weight 19/C times stronger with C classes. Kept for the
+    paper presets; not a divergence (it is not 0 for equal inputs and can be negative).
     """
     p_s = F.softmax(student_logits.float(), dim=1)
     p_t = F.softmax(teacher_logits.detach().float(), dim=1)
-    return F.kl_div(p_s, p_t, reduction="none").sum() / p_s.numel()
+    return F.kl_div(p_s, p_t, reduction="none").sum() / (p_s[:, 0].numel() * divisor)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor | None,
-            mode: str = "kl") -> torch.Tensor:
-    """``kd_kl`` (mode ``kl``, masked by ``valid``) or ``kd_reference`` (mode ``reference``, no mask)."""
+            mode: str = "kl", divisor: float | None = None) -> torch.Tensor:
+    """``kd_kl`` (mode ``kl``, masked by ``valid``; free of the class count) or ``kd_reference`` (mode
+    ``reference``, no mask, divided by ``divisor``: required in that mode, see ``losses.class_divisor``)."""
     if mode == "kl":
         return kd_kl(student_logits, teacher_logits, valid)
     if mode == "reference":
-        return kd_reference(student_logits, teacher_logits)
+        if divisor is None:
+            raise ValueError("kd_loss: mode 'reference' needs the class divisor (losses.class_divisor)")
+        return kd_reference(student_logits, teacher_logits, divisor)
     raise ValueError(f"unknown KD mode {mode!r} (expected one of {', '.join(KD_MODES)})")
 
 
@@ -275,6 +283,8 @@ class Distill(Method):
         target = PreparedSplit(cfg.data.target)
         check_hard_labels(d.hard_labels, target, cfg.model.n_class)
         self.teacher, self.teacher_bn_pretrain = load_teacher(d.teacher, cfg.model.n_class, ctx.device)
+        marginal = None if d.class_dist is None else load_class_marginal(d.class_dist, cfg.model.n_class)
+        self.share_monitor(marginal)
         views = ("weak", "strong") if d.strong_view else ("weak",)
         self.domains = {
             "source": {"label": True},
@@ -305,7 +315,9 @@ class Distill(Method):
             ce_source = seg_cross_entropy(ps, src["label"])
             s_logits = upsample(self.net(image)["out"], size)
             ce_pseudo = seg_cross_entropy(s_logits, labels)
-        kd = kd_loss(s_logits, t_logits, valid, d.kd_mode)
+        self.shares.add(s_logits.detach().argmax(1), t_logits.argmax(1), valid)
+        kd = kd_loss(s_logits, t_logits, valid, d.kd_mode,
+                     class_divisor(self.cfg.model.n_class, self.cfg.reference_class_scaling))
         return {"ce_source": ce_source, "ce_pseudo": ce_pseudo, "kd": kd}
 
     def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, Any]:

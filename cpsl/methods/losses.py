@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -10,6 +12,47 @@ from cpsl.labels import IGNORE_INDEX
 
 SOURCE_LABEL = 0.0  # domain labels of the reference's discriminator (spec 3.0)
 TARGET_LABEL = 1.0
+
+# Class-count scaling (#27). The reference's weights were tuned for K = 19 classes (GTA5 -> Cityscapes), and
+# two of its terms carry an explicit factor of K: a sum over classes divided by K (the prototype-consistency KL,
+# the reference KD term) and the Sinkhorn temperature of the logit branch (logits L2-normalised over K). By
+# default (``train.reference_class_scaling: false``) both are scaled as for 19 classes whatever K is, so that a
+# weight means the same per pixel for 2 and for 19 classes and equals the reference's at K = 19; with the switch
+# (the paper presets) they follow the actual K, as the reference does. Every other stage-1/2/3 term is free of K
+# already; per term, what bounds its per-pixel scale:
+#   CE (source, CTS, pseudo labels, SCE's alpha term), KD ``kl``, L_SL (CE against Sinkhorn assignments): the
+#     gradient w.r.t. the logits is p - q, a difference of two distributions, whatever K is;
+#   SCE's reverse term: -sum_k p_k log clamp(onehot_k, 1e-4) = 9.21 (1 - p_y), the mass off the label, in [0, 9.21]
+#     for any K;
+#   tau (rectification, consistency, L_SL) and the contrastive temperature divide cosine similarities of
+#     D-dimensional features, which do not involve K;
+#   rectification: an argmax of softmax(cos / tau) x soft, whose pairwise ratios exp((c_k - c_j) / tau) do not
+#     involve K; ``train_threshold`` is a top-class share (floor 1/K), 0 (off) by default;
+#   Sinkhorn, feature branch: cosine scores, as tau. The contrastive term's positives are the queue rows of the
+#     anchor's class: their number follows the class *shares* (the data's balance), not K.
+REFERENCE_N_CLASS = 19
+
+
+def class_divisor(n_class: int, reference: bool) -> float:
+    """What a per-pixel sum over the K classes is divided by: K as the reference does (``reference``), else 19.
+
+    A KL or KD term summed over classes has a per-pixel gradient w.r.t. the logits bounded independently of K
+    (``s - t`` for the KL); dividing by K makes it 19/K times stronger with K classes than with 19. Dividing by
+    the constant 19 keeps the per-pixel scale of a weight independent of K and equal to the reference's at 19.
+    """
+    return float(n_class) if reference else float(REFERENCE_N_CLASS)
+
+
+def logit_sinkhorn_epsilon(epsilon: float, n_class: int, reference: bool) -> float:
+    """The Sinkhorn epsilon of stage 1's logit branch: ``epsilon`` (``reference``), else ``epsilon sqrt(19/K)``.
+
+    The logit rows are L2-normalised over the K classes, so an entry is about 1/sqrt(K) of the rows' RMS and the
+    score gaps that epsilon divides scale as 1/sqrt(K): at a fixed epsilon the assignment is sqrt(19/K) times
+    sharper with K classes than with 19 (3.1 times for 2). ``epsilon sqrt(19/K)`` keeps gap / epsilon at its
+    19-class value (and is ``epsilon`` itself at K = 19). The feature branch needs nothing: cosine similarities to
+    the prototypes do not depend on K.
+    """
+    return float(epsilon) if reference else float(epsilon) * math.sqrt(REFERENCE_N_CLASS / n_class)
 
 
 def upsample(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:

@@ -87,7 +87,7 @@ from cpsl.errors import CheckpointError, ConfigError, DataError
 from cpsl.inference import normalize_image
 from cpsl.labels import IGNORE_INDEX
 from cpsl.methods.base import Method, TrainContext, set_requires_grad
-from cpsl.methods.losses import seg_cross_entropy, upsample
+from cpsl.methods.losses import class_divisor, logit_sinkhorn_epsilon, seg_cross_entropy, upsample
 from cpsl.methods.sinkhorn import PixelQueue, safe_normalize, self_label_loss
 from cpsl.models import freeze_bn, revert_sync_bn
 from cpsl.train.data import _seed_int
@@ -214,10 +214,17 @@ def cutmix_labels(labels: Tensor, source_label: Tensor, box: tuple[int, int, int
     h, w = labels.shape[-2:]
     hh, ww = source_label.shape[-2:]
     ys, xs = host_to_device(grid_centres(h, hh), labels.device), host_to_device(grid_centres(w, ww), labels.device)
-    y1, x1, y2, x2 = box
-    inside = ((ys >= y1) & (ys < y2))[:, None] & ((xs >= x1) & (xs < x2))[None, :]
     pasted = source_label[:, ys][:, :, xs].to(labels.dtype)
-    return torch.where(inside[None], pasted, labels)
+    return torch.where(box_on_grid((h, w), (hh, ww), box, labels.device)[None], pasted, labels)
+
+
+def box_on_grid(grid_hw: tuple[int, int], crop_hw: tuple[int, int], box: tuple[int, int, int, int],
+                device: torch.device | str) -> Tensor:
+    """(h, w) bool: the cells of an (h, w) grid over an (H, W) crop whose centre pixel lies in the CutMix box."""
+    (h, w), (hh, ww) = grid_hw, crop_hw
+    ys, xs = host_to_device(grid_centres(h, hh), device), host_to_device(grid_centres(w, ww), device)
+    y1, x1, y2, x2 = box
+    return ((ys >= y1) & (ys < y2))[:, None] & ((xs >= x1) & (xs < x2))[None, :]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -276,16 +283,20 @@ def sce_loss(logits: Tensor, labels: Tensor, alpha: float = 0.1, beta: float = 1
     return alpha * ce + beta * rce, ce, rce
 
 
-def consistency_loss(teacher: Tensor, valid: Tensor, student_log_probs: Tensor) -> Tensor:
-    """``sum_valid sum_k t_k (log t_k - s_k) / (K * #valid)``: the per-pixel KL(t || s) averaged over the valid
-    pixels (global batch) and divided by K, as the reference normalises it (its mask counts every channel).
+def consistency_loss(teacher: Tensor, valid: Tensor, student_log_probs: Tensor, divisor: float) -> Tensor:
+    """``sum_valid sum_k t_k (log t_k - s_k) / (divisor * #valid)``: the per-pixel KL(t || s) averaged over the
+    valid pixels (global batch) and divided by ``divisor``: K as the reference normalises it (its mask counts every
+    channel), or 19 whatever K is (the default, ``losses.class_divisor``).
+
+    Why 19: the per-pixel KL's gradient w.r.t. the student's scores is ``(s - t) / tau``, bounded independently
+    of K, so dividing by K makes ``consist_weight`` 19/K times stronger per pixel with K classes than with 19
+    (9.5 times for 2 classes, #27); a constant divisor keeps it the reference's strength at every K.
 
     ``teacher`` (B, K, h, w) probabilities (no grad), ``valid`` (B, h, w) bool, ``student_log_probs`` (B, K, h, w).
     """
     t = teacher.detach().float()
     kl = (torch.xlogy(t, t) - t * student_log_probs.float()).sum(1)
-    k = teacher.shape[1]
-    return (kl * valid).sum() / _global_count(valid.sum().float() * k).clamp(min=1.0)
+    return (kl * valid).sum() / _global_count(valid.sum().float() * divisor).clamp(min=1.0)
 
 
 def consistency_teacher(scores: Tensor, in_crop: Tensor, params: Sequence[StrongParams], tau: float = 0.08
@@ -451,6 +462,7 @@ class SelfLabel(Method):
         self.prototypes_ema = init.clone().to(ctx.device)
         self.marginal = load_class_marginal(sl.class_dist, n_class).to(ctx.device)
         self.queue = PixelQueue(sl.queue_length, dim, n_class, ctx.device)
+        self.share_monitor(self.marginal)
 
         # The base optimizer again, plus the prototypes' group (reference: 5x lr for head and prototypes).
         self.optimizer = build_sgd(self.student, o.lr, head_lr_mult=o.head_lr_mult,
@@ -536,6 +548,12 @@ class SelfLabel(Method):
         with self.amp.autocast():
             so = self.net(x)
         out_q = upsample(so["out"].float(), self.quarter)
+        # class shares of the student's prediction and of its rectified labels, on the target pixels (not the
+        # CutMix box, not padding)
+        shown = labels != IGNORE_INDEX
+        if cutmix:
+            shown = shown & ~box_on_grid(self.quarter, tuple(x.shape[-2:]), box, x.device)[None]
+        self.shares.add(out_q.detach().argmax(1), labels, shown)
         if sl.sce:
             l_cts, _, _ = sce_loss(out_q, train_labels, sl.sce_alpha, sl.sce_beta)
         else:
@@ -547,7 +565,9 @@ class SelfLabel(Method):
         contrast_ready = self.queue.filled + (b_global - 1) * sl.pixels_per_image >= self.queue.length
         l_sl, _ = self_label_loss(q_feats, q_logits, q_labels, self.prototypes, self.queue, self.marginal,
                                   n_images=b_global, tau=sl.tau, epsilon=sl.epsilon, iters=sl.sinkhorn_iters,
-                                  reference_scores=sl.reference_queue_scores)
+                                  reference_scores=sl.reference_queue_scores,
+                                  logit_epsilon=logit_sinkhorn_epsilon(sl.epsilon, self.cfg.model.n_class,
+                                                                       self.cfg.reference_class_scaling))
 
         # 7. pixel contrastive term (queue full before a push of this batch, no CutMix)
         l_con = out_q.new_zeros(())
@@ -569,7 +589,8 @@ class SelfLabel(Method):
                 ss = self.net(tgt["image_strong"])
             feat_s = upsample(ss["feat"].float(), self.quarter)
             log_s = F.log_softmax(cosine_scores(feat_s, self.prototypes_ema) / sl.tau, dim=1)
-            l_cons = consistency_loss(teacher, valid, log_s)
+            l_cons = consistency_loss(teacher, valid, log_s,
+                                      class_divisor(self.cfg.model.n_class, self.cfg.reference_class_scaling))
             # 0 x logits: the classifier takes part in every backward (DDP without find_unused_parameters)
             self.amp.backward(sl.consist_weight * l_cons + 0.0 * ss["out"].float().sum())
             del ss

@@ -162,6 +162,7 @@ def self_label_loss(
     epsilon: float = 0.05,
     iters: int = 3,
     reference_scores: bool = False,
+    logit_epsilon: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The class-balanced self-labeling loss ``L_SL = L_feat + L_logit`` over a (global) batch; pushes the queue.
 
@@ -175,6 +176,8 @@ def self_label_loss(
       logit branch:   ``q' = sinkhorn([queue.logits; O_i])[-n:]``;
       then the image's rows are pushed, and
       ``l_i = CE(q, softmax(S_i / tau)) + CE(q', softmax(S_i / tau))``, CE(q, p) = -mean_n sum_k q log p.
+    ``logit_epsilon``: the logit branch's epsilon (``epsilon`` when None; stage 1 passes
+    ``losses.logit_sinkhorn_epsilon``, which scales it with the number of classes).
     Returns ``(mean_i l_i, assignments)`` with ``assignments`` (n_images*n,) = argmax of the feature-branch q
     (for inspection and tests).
     """
@@ -195,7 +198,7 @@ def self_label_loss(
             else:
                 s_all, o_all = s_i, o_i
             q_feat = sinkhorn(s_all, marginal, epsilon, iters)[-n:]
-            q_logit = sinkhorn(o_all, marginal, epsilon, iters)[-n:]
+            q_logit = sinkhorn(o_all, marginal, epsilon if logit_epsilon is None else logit_epsilon, iters)[-n:]
         queue.push(f_i.detach(), o_i.detach(), y_i)
         log_p = F.log_softmax(s_i / tau, dim=1)
         l_feat = -(q_feat * log_p).sum(1).mean()

@@ -13,7 +13,9 @@ Writes into ``out`` (the workflow uses ``results/``)::
                   classes (never one experiment's values under another's class names); else the mIoU columns
     summary.md    the same as a Markdown table, with the ``notes`` (e.g. an experiment without an oracle)
     plots/<experiment>_per_class.png     per-class IoU of every stage on target val (mean over seeds)
-    plots/<experiment>_seed<S>_curves.png training losses per stage (from each stage's metrics.jsonl)
+    plots/<experiment>_seed<S>_curves.png training losses per stage (from each stage's metrics.jsonl) and, for
+                                          stages 1-3, the predicted class shares of student, teacher and
+                                          class marginal on the target (``share/*`` keys, cpsl.methods.shares)
     plots/<experiment>_seed<S>_samples.png target-val images, their labels and every stage's prediction in the
                                           Cityscapes palette (from each evaluation's samples/, see evaluate)
 
@@ -216,23 +218,22 @@ def _plots(out: Path, rows: list[dict], classes: dict[str, list[str]],
         if (folder / "metrics.jsonl").is_file():
             by_seed[(exp, seed)][stage] = folder / "metrics.jsonl"
     for (exp, seed), logs in sorted(by_seed.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-        fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3), squeeze=False)
-        for ax, stage in zip(axes[0], sorted(logs, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99)):
-            series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-            for line in logs[stage].read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                for key, value in rec.items():
-                    if key.startswith("loss/") and isinstance(value, (int, float)):
-                        series[key[5:]].append((rec["iteration"], value))
-            for name, pts in series.items():
+        order = sorted(logs, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99)
+        series = {stage: _series(logs[stage]) for stage in order}
+        with_shares = any(s["share"] for s in series.values())
+        fig, axes = plt.subplots(2 if with_shares else 1, len(logs), figsize=(4 * len(logs), 6 if with_shares else 3),
+                                 squeeze=False)
+        for col, stage in enumerate(order):
+            ax = axes[0][col]
+            for name, pts in series[stage]["loss"].items():
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, linewidth=1)
             ax.set_title(stage)
             ax.set_xlabel("iteration")
             ax.legend(fontsize=6)
-        fig.suptitle(f"{exp} seed {seed}: training losses")
+            if with_shares:
+                _share_panel(axes[1][col], stage, series[stage]["share"], classes.get(exp, []))
+        fig.suptitle(f"{exp} seed {seed}: training losses" + (" and predicted class shares on the target"
+                                                              if with_shares else ""))
         fig.tight_layout()
         path = plot_dir / f"{exp}_seed{seed}_curves.png"
         fig.savefig(path, dpi=100)
@@ -240,6 +241,45 @@ def _plots(out: Path, rows: list[dict], classes: dict[str, list[str]],
         made.append(path)
     made += _sample_plots(plot_dir, stage_dirs, plt)
     return made
+
+
+def _series(path: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """A metrics.jsonl as ``{"loss": {name: [(iteration, value)]}, "share": {"student/1": [...], ...}}``."""
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {"loss": defaultdict(list), "share": defaultdict(list)}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for key, value in rec.items():
+            kind, _, name = key.partition("/")
+            if kind in out and isinstance(value, (int, float)):
+                out[kind][name].append((rec["iteration"], value))
+    return out
+
+
+SHARE_STYLES = {"student": "-", "teacher": "--", "marginal": ":"}
+
+
+def _share_panel(ax: Any, stage: str, shares: dict[str, list[tuple[int, float]]], names: list[str]) -> None:
+    """The student's (solid), the teacher's (dashed) and the marginal's (dotted) class shares over iterations,
+    one colour per class (``cpsl.methods.shares``); the classes the student ever gives 1 % or more."""
+    if not shares:
+        ax.set_axis_off()
+        return
+    n = 1 + max(int(name.split("/")[1]) for name in shares)
+    shown = [k for k in range(n) if max(v for _, v in shares.get(f"student/{k}", [(0, 0.0)])) >= 0.01]
+    for i, k in enumerate(shown[:10]):
+        colour = f"C{i}"
+        for who, style in SHARE_STYLES.items():
+            pts = shares.get(f"{who}/{k}")
+            if pts:
+                label = (names[k] if k < len(names) else f"class {k}") if who == "student" else None
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colour, linewidth=1, label=label)
+    ax.set_title(f"{stage}: class shares (student -, teacher --, marginal :)", fontsize=8)
+    ax.set_xlabel("iteration")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=6)
 
 
 def _sample_plots(plot_dir: Path, stage_dirs: dict[tuple, Path], plt: Any) -> list[Path]:

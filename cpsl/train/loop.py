@@ -22,7 +22,9 @@ Outputs in ``out`` (written by rank 0 only)::
     checkpoint.pt         the final model (networks only, ``iteration`` = max_iters, config, seed)
     metrics.jsonl         one JSON object per log line: iteration, loss/<name> (mean over the last
                           log_interval iterations), lr/<group> (the rate used by that iteration), time_iter,
-                          time_data (seconds per iteration), samples_per_s
+                          time_data (seconds per iteration), samples_per_s; stages 1-3 also share/student/<k>,
+                          share/teacher/<k>, share/marginal/<k> (predicted class shares on the target,
+                          ``cpsl.methods.shares``)
     train_summary.json    stage, iterations, final losses, mean time per iteration, device, world size, and
                           ``method.describe()`` (e.g. ``student_init``; also in the checkpoints' ``extra``)
 
@@ -67,10 +69,12 @@ FINAL = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
 # Settings that may change between a killed run and its resumption without changing the result.
-RESUME_FREE_KEYS = ("data.workers", "log_interval", "checkpoint_interval", "device")
+RESUME_FREE_KEYS = ("data.workers", "log_interval", "checkpoint_interval", "device", "share_drift",
+                    "share_drift_logs")
 # The files and folders a stage reads (TrainConfig keys); their fingerprints go into checkpoints/last.pt.
 INPUT_KEYS = ("data.source", "data.target", "init_checkpoint", "model.init", "selflabel.soft_labels",
-              "selflabel.prototypes", "selflabel.class_dist", "distill.teacher", "distill.hard_labels")
+              "selflabel.prototypes", "selflabel.class_dist", "distill.teacher", "distill.hard_labels",
+              "distill.class_dist")
 
 
 class TrainingError(CpslError):
@@ -410,12 +414,16 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
                                         f"stopped, {_last_good(last_path, last_saved)}")
             if logs:
                 timing = window.timing()
+                shares, share_text = method.log_shares(done)   # every rank: the counts are summed over them
                 if log is not None:
                     record = {"iteration": done, **{f"loss/{k}": v for k, v in means.items()},
                               **{f"lr/{k}": v for k, v in lrs.items()}, **timing,
-                              "samples_per_s": cfg.data.batch_size / max(timing["time_iter"], 1e-9)}
+                              "samples_per_s": cfg.data.batch_size / max(timing["time_iter"], 1e-9), **shares}
                     log.write(record)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
+                postfix = {k: f"{v:.4g}" for k, v in means.items()}
+                if share_text:
+                    postfix["share"] = share_text
+                bar.set_postfix(postfix, refresh=False)
                 window.reset()
             if done % cfg.checkpoint_interval == 0 and done < cfg.max_iters:
                 _check_finite(method, done, last_path, last_saved)

@@ -1,0 +1,197 @@
+"""#27: class-count-invariant loss scaling by default, the reference's behind train.reference_class_scaling; the
+class-share monitor and its collapse warning."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+import torch
+import torch.nn.functional as F
+
+from cpsl.config import TrainConfig, load
+from cpsl.errors import ConfigError
+from cpsl.methods.distill import kd_reference
+from cpsl.methods.losses import REFERENCE_N_CLASS, class_divisor, logit_sinkhorn_epsilon
+from cpsl.methods.selflabel import consistency_loss
+from cpsl.methods.shares import ShareMonitor, class_counts
+
+from .train_helpers import train_dict
+
+
+def test_reference_switch_keeps_todays_value_and_19_classes_are_unchanged():
+    assert REFERENCE_N_CLASS == 19
+    assert class_divisor(19, False) == class_divisor(19, True) == 19.0      # the demo and gta5_cityscapes
+    assert class_divisor(16, True) == 16.0 and class_divisor(16, False) == 19.0   # synthia_cityscapes: preset
+    assert class_divisor(2, True) == 2.0 and class_divisor(2, False) == 19.0
+    assert logit_sinkhorn_epsilon(0.05, 19, False) == 0.05                   # bit-identical at 19 classes
+    assert logit_sinkhorn_epsilon(0.05, 2, True) == 0.05
+    assert logit_sinkhorn_epsilon(0.05, 2, False) == pytest.approx(0.05 * math.sqrt(9.5))   # 0.154110
+    assert logit_sinkhorn_epsilon(0.05, 2, False) == pytest.approx(0.154110, abs=1e-6)
+
+
+def _padded(probs: list[float], k: int) -> torch.Tensor:
+    """Logits (1, k, 1, 1) whose softmax is ``probs`` on the first classes and exactly 0 on the others."""
+    z = torch.full((k,), -1e4)
+    z[:len(probs)] = torch.log(torch.tensor(probs))
+    return z.reshape(1, k, 1, 1)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_consistency_gradient_per_pixel_does_not_depend_on_the_class_count(reference):
+    # The same pixel in a 2-class and a 19-class problem (the 17 extra classes have probability 0 in both the
+    # teacher and the student): the per-pixel KL is the same, and so is the gradient w.r.t. the student's scores
+    # (s - t) / divisor, under the default divisor 19; the reference's divisor K makes it 19/2 = 9.5 times larger.
+    grads, losses = {}, {}
+    for k in (2, 19):
+        teacher = F.softmax(_padded([0.9, 0.1], k), dim=1)
+        z = _padded([0.6, 0.4], k).requires_grad_(True)
+        loss = consistency_loss(teacher, torch.ones(1, 1, 1, dtype=torch.bool), F.log_softmax(z, dim=1),
+                                class_divisor(k, reference))
+        loss.backward()
+        grads[k], losses[k] = z.grad.reshape(-1)[:2], loss.item()
+        assert float(z.grad.reshape(-1)[2:].abs().sum()) == 0.0
+    kl = 0.9 * math.log(0.9 / 0.6) + 0.1 * math.log(0.1 / 0.4)                  # 0.226289
+    assert kl == pytest.approx(0.226289, abs=1e-6)
+    assert losses[19] == pytest.approx(kl / 19, rel=1e-5)
+    assert losses[2] == pytest.approx(kl / (2 if reference else 19), rel=1e-5)
+    assert grads[19] == pytest.approx(torch.tensor([-0.3, 0.3]) / 19, abs=1e-6)   # (s - t) / 19
+    if reference:
+        assert grads[2] == pytest.approx(torch.tensor([-0.3, 0.3]) / 2, abs=1e-6)
+        assert (grads[2] / grads[19]) == pytest.approx(torch.tensor([9.5, 9.5]), rel=1e-5)
+    else:
+        assert grads[2] == pytest.approx(grads[19], abs=1e-7)                    # independent of K
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_reference_kd_gradient_per_pixel_does_not_depend_on_the_class_count(reference):
+    grads = {}
+    for k in (2, 19):
+        z = _padded([0.6, 0.4], k).requires_grad_(True)
+        kd_reference(z, _padded([0.9, 0.1], k), class_divisor(k, reference)).backward()
+        grads[k] = z.grad.reshape(-1)[:2]
+    # d/dz_j of -sum_k t_k p_k = -p_j (t_j - t.p), t.p = 0.9 x 0.6 + 0.1 x 0.4 = 0.58
+    by_hand = torch.tensor([-0.6 * (0.9 - 0.58), -0.4 * (0.1 - 0.58)])        # [-0.192, 0.192]
+    assert grads[19] == pytest.approx(by_hand / 19, abs=1e-6)
+    assert grads[2] == pytest.approx(by_hand / (2 if reference else 19), abs=1e-6)
+
+
+def test_logit_epsilon_keeps_the_sinkhorn_odds_of_equal_rms_logits():
+    # L2-normalised logit rows of entries +-a: K = 2 gives +-0.707, K = 19 gives +-0.229; the odds
+    # exp(gap / epsilon) between a class and a competitor are the same at both K under the default
+    for reference, same in ((False, True), (True, False)):
+        odds = {}
+        for k in (2, 19):
+            row = F.normalize(torch.tensor([1.0] + [-1.0] * (k - 1), dtype=torch.float64), dim=0)
+            odds[k] = float((row[0] - row[1]) / logit_sinkhorn_epsilon(0.05, k, reference))
+        assert odds[19] == pytest.approx(2 / math.sqrt(19) / 0.05)                    # 9.1766
+        assert (odds[2] == pytest.approx(odds[19], rel=1e-12)) == same
+        if not same:
+            assert odds[2] == pytest.approx(28.2843, rel=1e-5)                        # 3.08 x sharper
+
+
+def test_presets_set_the_reference_switch_and_the_template_does_not():
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    for name in ("gta5_cityscapes", "synthia_cityscapes"):
+        assert cfg["experiment_settings"][name]["train"]["reference_class_scaling"] is True
+    assert "reference_class_scaling" not in cfg["experiment_settings"]["demo"]["train"]
+    fields = TrainConfig.__dataclass_fields__
+    assert fields["reference_class_scaling"].default is False
+    assert (fields["share_drift"].default, fields["share_drift_logs"].default) == (0.10, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Class shares and the collapse warning
+
+
+def test_class_counts_by_hand():
+    pred = torch.tensor([[[0, 1, 1], [2, 1, 0]]])
+    valid = torch.tensor([[[True, True, False], [True, True, True]]])
+    assert class_counts(pred, valid, 3).tolist() == [2.0, 2.0, 1.0]
+
+
+def _monitor(drift=0.15, logs=2, marginal=(0.8, 0.2)):
+    m = None if marginal is None else torch.tensor(marginal, dtype=torch.float64)
+    return ShareMonitor("stage1", 2, m, drift, logs)
+
+
+def _window(mon, student_ones, teacher_ones, n=20):
+    """One log window of one batch of n pixels: the student predicts class 1 on ``student_ones`` of them."""
+    s = torch.zeros(1, 1, n, dtype=torch.long)
+    s[..., :student_ones] = 1
+    t = torch.zeros(1, 1, n, dtype=torch.long)
+    t[..., :teacher_ones] = 1
+    mon.add(s, t, torch.ones(1, 1, n, dtype=torch.bool))
+
+
+def test_share_monitor_records_and_progress_text(capsys):
+    mon = _monitor()
+    _window(mon, 7, 6)          # student 7/20 = 0.35 class 1, teacher 6/20 = 0.30; marginal 0.2
+    _window(mon, 5, 6)          # the window: student 12/40 = 0.30, teacher 12/40 = 0.30
+    record, text = mon.log(40)
+    assert record == pytest.approx({"share/student/0": 0.7, "share/student/1": 0.3, "share/teacher/0": 0.7,
+                                    "share/teacher/1": 0.3, "share/marginal/0": 0.8, "share/marginal/1": 0.2})
+    assert text == "c0 s.70 t.70 m.80"          # the class farthest from the marginal (ties: the first)
+    assert capsys.readouterr().err == ""        # 0.1 from the marginal: within share_drift 0.15
+    assert mon.log(60) == ({}, "")              # nothing counted in the window
+
+
+def test_collapse_warning_once_then_only_if_it_persists(capsys):
+    mon = _monitor(drift=0.15, logs=2)
+    # class 1: student share 0.40 (0.20 from the marginal's 0.2) at logs 1-3, 0.25 at log 4, 0.45 at logs 5-11
+    shares = [8, 8, 8, 5] + [9] * 7
+    warned = []
+    for i, ones in enumerate(shares, start=1):
+        _window(mon, ones, 4)
+        mon.log(20 * i)
+        err = capsys.readouterr().err
+        if err:
+            warned.append((20 * i, err))
+    # streak of 2 at iteration 40 -> warn; 3 at 60: quiet; back within 0.15 at 80: reset; a new streak from
+    # 100: warn at 120 (2 logs), again at 160 (4 logs); the next would be at 8 logs (240), past the end (220)
+    assert [it for it, _ in warned] == [40, 120, 160]
+    first = warned[0][1]
+    assert first.count("\n") == 2 and "warning" in first  # classes 0 and 1 both moved 0.2 (shares sum to 1)
+    assert ("cpsl train: stage1: warning: the student predicts class 1 on 40.0% of the target pixels against "
+            "20.0% for the class marginal (more than train.share_drift = 0.15 apart) at the last 2 logged "
+            "iterations (since iteration 20)") in first
+    assert "at the last 4 logged iterations (since iteration 100)" in warned[2][1]
+
+
+def test_without_a_marginal_the_reference_is_the_teachers_share(capsys):
+    mon = _monitor(marginal=None, logs=1)
+    _window(mon, 10, 4)          # student 0.5, teacher 0.2 on class 1
+    record, text = mon.log(20)
+    assert "share/marginal/1" not in record and record["share/teacher/1"] == pytest.approx(0.2)
+    assert text == "c0 s.50 t.80"
+    assert "against 20.0% for the teacher's share" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, value, msg", [("share_drift", 0.0, "must be in (0, 1]"),
+                                             ("share_drift", 1.5, "must be in (0, 1]"),
+                                             ("share_drift_logs", 0, "must be >= 1")])
+def test_share_settings_are_validated(tmp_path, key, value, msg):
+    with pytest.raises(ConfigError, match=rf"{key}: {re.escape(msg)}"):
+        load(TrainConfig, train_dict(tmp_path, **{key: value}))
+
+
+
+def test_few_class_benchmark_pairs_and_config(tmp_path):
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "few_class.py"
+    spec = importlib.util.spec_from_file_location("few_class", path)
+    fc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fc)
+    shares = fc.make_pair(tmp_path / "few2", 2)
+    # the minority class near 15 % of the target pixels, more of it in the source (a biased warm-up marginal)
+    assert shares["target/val"] == pytest.approx([0.856, 0.144], abs=1e-3)
+    assert shares["source/train"] == pytest.approx([0.8168, 0.1832], abs=1e-4)
+    assert (tmp_path / "few2" / "target" / "classes.txt").read_text() == "background\nnucleus\n"
+    exp = fc.experiment(tmp_path / "few2", 2, [0, 1, 2])
+    assert "oracle" not in exp["stages"] and exp["datasets"]["target_train"]["labels"] is False
+    assert {s: exp["stages"][s]["max_iters"] for s in exp["stages"]} == fc.SCHEDULE
+    assert exp["stages"]["stage1"]["selflabel"] == {"queue_length": 2048, "ema_momentum": 0.98}   # template's
+    assert "reference_class_scaling" not in exp["train"]                                          # the default
