@@ -588,8 +588,8 @@ class TrainConfig:
     ``init_checkpoint``: start the student from another stage's ``checkpoint.pt`` (its network must match
     ``model``); otherwise ``model.init`` (ImageNet weights) or random init. ``freeze_bn``: BatchNorm in eval
     mode with frozen affine parameters (the reference warm-up's ``--freeze_bn``). ``amp: bf16`` autocasts on
-    CUDA and on the CPU, ``fp16`` on CUDA only (float32 on the CPU). ``checkpoint_interval``: iterations between resumable checkpoints
-    (``out/checkpoints/last.pt``); ``log_interval``: iterations per line of ``out/metrics.jsonl``. The losses
+    CUDA and on the CPU, ``fp16`` on CUDA only (float32 on the CPU). ``checkpoint_interval``: iterations
+    between resumable checkpoints (``out/checkpoints/last.pt``); ``log_interval``: iterations per line of ``out/metrics.jsonl``. The losses
     are read from the device (and checked for NaN/Inf) at log and checkpoint iterations only.
     ``reference_class_scaling``: scale the class-count-dependent terms (stage 1's consistency KL and logit-branch
     Sinkhorn epsilon, the ``kd_mode: reference`` KD term) with the actual number of classes, as the reference
