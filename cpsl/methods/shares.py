@@ -44,7 +44,8 @@ class ShareMonitor:
 
     def __init__(self, stage: str, n_class: int, marginal: Tensor | None, drift: float, drift_logs: int,
                  device: torch.device | str = "cpu", is_main: bool = True) -> None:
-        self.stage, self.n_class, self.drift, self.drift_logs, self.is_main = stage, n_class, drift, drift_logs, is_main
+        self.stage, self.n_class, self.is_main = stage, n_class, is_main
+        self.drift, self.drift_logs = drift, drift_logs
         self.marginal = None if marginal is None else [float(v) for v in (marginal / marginal.sum()).tolist()]
         self.counts = torch.zeros(2, n_class, dtype=torch.float64, device=device)
         self.streak = [0] * n_class           # logged iterations in a row with the class beyond the distance
