@@ -103,13 +103,17 @@ def _step_worker(rank: int, cfg_dict: dict, out: str, port: int, no_sync: bool) 
         loaders = build_loaders(cfg, build_datasets(cfg, method.domains, cfg.model.n_class), rank=rank,
                                 world_size=2, start_iter=0)
         iters = {d: iter(loader) for d, loader in loaders.items()}
-        for _ in range(2):
+        first = {}
+        for i in range(2):
             method.train_mode()
             method.step({d: to_device(next(it), cpu) for d, it in iters.items()})
             for sched in method.schedulers.values():
                 sched.step()
+            if i == 0:
+                first = {"model": {k: v.clone() for k, v in method.student.state_dict().items()},
+                         "prototypes": method.prototypes.detach().clone()}
         torch.save({"model": method.student.state_dict(), "prototypes": method.prototypes.detach().clone(),
-                    "allreduces": calls[0], "other_collectives": others["n"]},
+                    "first": first, "allreduces": calls[0], "other_collectives": others["n"]},
                    f"{out}/rank{rank}_{'no_sync' if no_sync else 'sync'}.pt")
     finally:
         dist.destroy_process_group()
@@ -135,8 +139,10 @@ def test_one_gradient_allreduce_per_iteration_same_weights(tmp_path, pair_dir): 
     runs = {name: [torch.load(tmp_path / f"rank{r}_{name}.pt") for r in (0, 1)] for name in ("no_sync", "sync")}
     new, old = runs["no_sync"], runs["sync"]
     assert max_weight_diff(new[0]["model"], new[1]["model"]) == 0.0          # the ranks stay identical
-    assert max_weight_diff(new[0]["model"], old[0]["model"]) < 1e-6
-    assert (new[0]["prototypes"] - old[0]["prototypes"]).abs().max() < 1e-6
+    # after one iteration (the second's pseudo labels are argmaxes of the first's weights: a rounding-level
+    # difference can flip a pixel's label there, which is not what this compares)
+    assert max_weight_diff(new[0]["first"]["model"], old[0]["first"]["model"]) < 1e-6
+    assert (new[0]["first"]["prototypes"] - old[0]["first"]["prototypes"]).abs().max() < 1e-6
     buckets = new[0]["allreduces"] // 2
     assert buckets >= 1 and new[0]["allreduces"] == 2 * buckets              # once per iteration
     assert old[0]["allreduces"] == 3 * new[0]["allreduces"]                  # before: once per backward pass
