@@ -40,7 +40,7 @@ from cpsl.data.prepared import PreparedSplit
 from cpsl.errors import CheckpointError, ConfigError, DataError
 from cpsl.models import build_model, place
 from cpsl.models.checkpoint import checkpoint_model_config, load_checkpoint, load_model_state
-from cpsl.outputs import publish_dir, remove_path, remove_stale_staging
+from cpsl.outputs import publish_dir, remove_path, remove_stale_staging, staging_dir
 from cpsl.provenance import atomic_write_text
 from cpsl.train import dist as D
 
@@ -180,7 +180,7 @@ def staged_dir(out: str | Path, info: D.DistInfo, step: str) -> Iterator[Path]:
     killed (no cleanup code runs) is removed by the next run.
     """
     out = Path(os.path.abspath(out))
-    name = D.broadcast_object(f".{out.name}.tmp-{os.getpid()}")
+    name = D.broadcast_object(staging_dir(out).name)
     tmp = out.parent / name
     if info.is_main:
         out.parent.mkdir(parents=True, exist_ok=True)

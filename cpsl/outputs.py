@@ -5,8 +5,8 @@ Every step writes into one ``--out`` folder. Two kinds of step:
 * **Replacing steps** (``synth``, ``prepare``, ``pseudo-soft``, ``prototypes``, ``class-dist``, ``pseudo-hard``)
   build their whole folder under a hidden staging name next to ``out`` and rename it to ``out`` at the end
   (``publish_dir``), replacing the previous ``out`` in one step.
-* **In-place steps** (``train``, ``evaluate``, ``collect``, ``import-checkpoint``) write named files into ``out``
-  (atomically, file by file) and delete nothing but their own temp files.
+* **In-place steps** (``train``, ``evaluate``, ``collect``, ``import-checkpoint``, ``fetch-weights``) write named
+  files into ``out`` (atomically, file by file) and delete nothing but their own temp files.
 
 A folder that a step made carries the marker file ``.cpsl-output.json`` (``{"steps": [...]}``), written into the
 staging folder before it is published, or into ``out`` before an in-place step writes anything. The rules

@@ -424,15 +424,18 @@ def imagenet_url(config: dict, backbone: str) -> str:
     return url_for(backbone, (config.get("imagenet_urls") or {}).get(backbone))
 
 
+def imagenet_backbone(config: dict, exp: str, stage: str) -> str | None:
+    """The backbone whose ImageNet weights ``stage``'s ``model.init: imagenet`` asks for (None otherwise)."""
+    model = _stage_settings(config, exp, stage)["model"]
+    return model.get("backbone", "resnet101") if model.get("init") == C.IMAGENET_INIT else None
+
+
 def imagenet_file(config: dict, exp: str, stage: str) -> Path | None:
     """The cached ImageNet file that ``stage``'s ``model.init: imagenet`` resolves to (None otherwise)."""
     from cpsl.steps.fetch_weights import file_name
 
-    model = _stage_settings(config, exp, stage)["model"]
-    if model.get("init") != C.IMAGENET_INIT:
-        return None
-    backbone = model.get("backbone", "resnet101")
-    return weights_dir(config) / file_name(imagenet_url(config, backbone))
+    backbone = imagenet_backbone(config, exp, stage)
+    return None if backbone is None else weights_dir(config) / file_name(imagenet_url(config, backbone))
 
 
 def fetch_configs(config: dict) -> dict[str, dict]:
@@ -442,8 +445,8 @@ def fetch_configs(config: dict) -> dict[str, dict]:
     out = {}
     for exp in selected_experiments(config):
         for stage in stages(config, exp):
-            if imagenet_file(config, exp, stage) is not None:
-                backbone = _stage_settings(config, exp, stage)["model"].get("backbone", "resnet101")
+            backbone = imagenet_backbone(config, exp, stage)
+            if backbone is not None:
                 url = imagenet_url(config, backbone)
                 out[file_name(url)] = C.to_dict(C.load(C.FetchWeightsConfig, {"backbone": backbone, "url": url,
                                                                               "progress": False}))

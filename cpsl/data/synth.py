@@ -45,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 from cpsl.config import SynthConfig
-from cpsl.outputs import publish_dir, remove_stale_staging
+from cpsl.outputs import publish_dir, remove_stale_staging, staging_dir
 from cpsl.labels import CITYSCAPES_LABELS, CLASSES_19, NAME_TO_LABEL_ID
 
 SOURCE, TARGET = 0, 1
@@ -953,7 +953,7 @@ def generate(cfg: SynthConfig, out: Path) -> dict:
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = staging_dir(out)
     remove_stale_staging(out)  # what a killed run left
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -41,7 +41,7 @@ from cpsl.config import PrepareConfig
 from cpsl.data import get_format
 from cpsl.data.common import Problem, Sample, decode_image, images_only, write_label_png
 from cpsl.errors import DataError
-from cpsl.outputs import publish_dir, remove_path, remove_stale_staging
+from cpsl.outputs import publish_dir, remove_path, remove_stale_staging, staging_dir
 
 MAX_LISTED_ON_STDERR = 50
 UNLABELLED = "-"  # list.txt's label column in an unlabelled split
@@ -73,7 +73,6 @@ class _Converted:
     train_counts: np.ndarray | None  # int64 (256,): pixels per train id (index 255 = ignore); None: no label
     lab: np.ndarray | None    # float64 (2, 3): mean and std of L, a, b
     peak: int | None = None   # largest raw sample of a 16-bit image
-    labelled: bool = True
 
 
 _JOB: _Job | None = None
@@ -143,7 +142,7 @@ def convert_sample(sample: Sample, job: _Job) -> _Converted | Problem:
                                      "side, dataset.min_side)")
     lab = lab_mean_std(image) if job.lab_stats else None
     if sample.label is None:
-        return _Converted(sample.name, sample.image, h, w, None, lab, peak, labelled=False)
+        return _Converted(sample.name, sample.image, h, w, None, lab, peak)
     try:
         raw = fmt.read_raw_label(sample.label)
     except Exception as err:
@@ -227,7 +226,7 @@ def run(cfg: PrepareConfig, out: Path) -> dict:
     if problems and not ds.allow_skip:
         raise _first_problem_error(problems, scan_only=True)
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = staging_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)  # what a killed run left
     remove_path(tmp)
@@ -297,7 +296,7 @@ def _write_outputs(
 ) -> dict:
     ds = cfg.dataset
     n_class = len(class_names)
-    lines = [f"{c.name}\t{c.image}\t{f'labels/{c.name}.png' if c.labelled else UNLABELLED}\n" for c in kept]
+    lines = [f"{c.name}\t{c.image}\t{f'labels/{c.name}.png' if ds.labels else UNLABELLED}\n" for c in kept]
     (tmp / "list.txt").write_text("".join(lines), encoding="utf-8")
 
     stray = int(counts[n_class:].sum() - counts[labels.IGNORE_INDEX])
