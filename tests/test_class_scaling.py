@@ -161,6 +161,38 @@ def test_collapse_warning_once_then_only_if_it_persists(capsys):
     assert "at the last 4 logged iterations (since iteration 100)" in warned[2][1]
 
 
+def test_share_monitor_state_survives_a_checkpoint_round_trip(tmp_path, capsys):
+    # The same windows as above, once uninterrupted and once "killed" after the 5th log with a window half
+    # counted, the monitor rebuilt from a checkpoint (torch.save / torch.load weights_only=True) and resumed.
+    shares = [8, 8, 8, 5] + [9] * 7
+
+    def run(mon, windows, start):
+        out = []
+        for i, ones in enumerate(windows, start=start):
+            _window(mon, ones, 4)
+            mon.log(20 * i)
+            out.append(capsys.readouterr().err)
+        return out
+
+    whole = run(_monitor(drift=0.15, logs=2), shares, 1)
+    first = _monitor(drift=0.15, logs=2)
+    before = run(first, shares[:5], 1)
+    _window(first, 5, 2, n=10)                                  # half of the 6th window counted before the kill
+    torch.save({"shares": first.state_dict()}, tmp_path / "last.pt")
+    state = torch.load(tmp_path / "last.pt", weights_only=True)["shares"]
+    assert state["streak"] == [1, 1] and state["since"] == [100, 100] and state["next_warn"] == [2, 2]
+    assert state["counts"].tolist() == [[5.0, 5.0], [8.0, 2.0]]    # (student, teacher) x class
+    resumed = _monitor(drift=0.15, logs=2)
+    resumed.load_state_dict(state)
+    _window(resumed, 4, 2, n=10)                                # the rest: 9 / 20 of class 1, as uninterrupted
+    resumed.log(120)
+    after = [capsys.readouterr().err] + run(resumed, shares[6:], 7)
+    assert before + after == whole                              # the same warnings at the same logs
+    assert "at the last 2 logged iterations (since iteration 100)" in whole[5]
+    with pytest.raises(ValueError, match="for 2 classes, the model has 3"):
+        ShareMonitor("stage1", 3, None, 0.1, 3).load_state_dict(state)
+
+
 def test_without_a_marginal_the_reference_is_the_teachers_share(capsys):
     mon = _monitor(marginal=None, logs=1)
     _window(mon, 10, 4)          # student 0.5, teacher 0.2 on class 1

@@ -183,11 +183,14 @@ class Method:
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self, full: bool = True) -> dict[str, Any]:
-        """Checkpoint entries: the networks, and with ``full`` the optimizers and schedulers (to resume)."""
+        """Checkpoint entries: the networks, and with ``full`` the optimizers and schedulers (to resume) and, in the
+        stages with a teacher, the class-share monitor (``shares``: its open window and warning counters)."""
         state: dict[str, Any] = {k: m.state_dict() for k, m in self.nets.items()}
         if full:
             state.update({k: o.state_dict() for k, o in self.optimizers.items()})
             state["scheduler"] = {k: s.state_dict() for k, s in self.schedulers.items()}
+            if self.shares is not None:
+                state["shares"] = self.shares.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any], path: Any = "checkpoint") -> None:
@@ -200,3 +203,9 @@ class Method:
             o.load_state_dict(state[k])
         for k, s in self.schedulers.items():
             s.load_state_dict(state["scheduler"][k])
+        # a checkpoint written before the monitor was saved (#27) resumes with a fresh one
+        if self.shares is not None and "shares" in state:
+            try:
+                self.shares.load_state_dict(state["shares"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise CheckpointError(f"{path}: bad shares entry ({err})") from None

@@ -30,6 +30,9 @@ TARGET_LABEL = 1.0
 #     involve K; ``train_threshold`` is a top-class share (floor 1/K), 0 (off) by default;
 #   Sinkhorn, feature branch: cosine scores, as tau. The contrastive term's positives are the queue rows of the
 #     anchor's class: their number follows the class *shares* (the data's balance), not K.
+# A third K-dependent quantity is not a loss scale but the Sinkhorn's rate of convergence: with a fixed number of
+# iterations, the class-balanced assignment meets its class marginal far less closely with 2 classes than with
+# 19, so stage 1's class balancing stops working on a few-class pair (``sinkhorn_iterations``).
 REFERENCE_N_CLASS = 19
 
 
@@ -53,6 +56,33 @@ def logit_sinkhorn_epsilon(epsilon: float, n_class: int, reference: bool) -> flo
     the prototypes do not depend on K.
     """
     return float(epsilon) if reference else float(epsilon) * math.sqrt(REFERENCE_N_CLASS / n_class)
+
+
+def sinkhorn_iterations(iters: int, n_class: int, reference: bool) -> int:
+    """Stage 1's Sinkhorn iterations: ``iters`` (``reference``), else ``ceil(iters 19 / K)``.
+
+    Why (#27). The Sinkhorn is a fixed-point iteration on the class potentials ``g_k = epsilon log u_k``,
+    ``g_k <- g_k + epsilon log(r_k / m_k(g))``, where ``m_k`` is the mean assignment of class k and ``r`` the
+    class marginal. Linearised about its solution, the error of the potentials is multiplied per iteration by
+    ``I - diag(1/r) C``, with ``C_kj = mean_n q_nk (delta_kj - q_nj)`` the covariance of the pixels'
+    assignments (epsilon cancels): what moves a class total toward its marginal is the assignment mass that
+    pixels hold outside their top class. Let every pixel's K - 1 competitors lie a score gap Delta below its
+    class, ``a = exp(-Delta / epsilon)`` small, and the classes have equal shares ``1/K``. Then
+    ``diag(1/r) C`` has ``2 (K - 1) a`` on its diagonal and ``-2 a`` off it, and every error that keeps the
+    total mass (orthogonal to the ones vector) shrinks by ``1 - lambda`` per iteration with ``lambda = 2 K a``:
+    ``T`` iterations leave ``(1 - 2 K a)^T``, about ``exp(-2 K a T)``. At the same score gaps the contraction
+    of T iterations therefore depends on K T, and the reference's 3 iterations, set at K = 19, correspond to
+    ``3 x 19 / K``: 29 for 2 classes (rounded up), 19 for 3, 3 at 19 (the reference's, bit for bit). With 3
+    iterations a 2-class pair gets ``exp(-12 a)`` where 19 classes get ``exp(-114 a)``: its class balancing
+    barely acts. Measured (``tests/test_class_scaling.py``): gap 0.3, epsilon 0.05, a marginal tilted by 2 %
+    from the assignment: 3 iterations at 19 classes leave 0.76 of the class-total error, 29 at 2 classes 0.71,
+    3 at 2 classes 0.97. On stage 1 of the generated 2-class pair (``benchmarks/few_class.py``, few2 seed 0,
+    the features separated after the drift of #27): 3 iterations give the minority class 0.41 of the queue's
+    assignment against a marginal of 0.13, so L_SL pulls the prototypes *with* the drift; 50 give 0.13.
+    """
+    if reference:
+        return int(iters)
+    return int(math.ceil(iters * REFERENCE_N_CLASS / n_class - 1e-9))
 
 
 def upsample(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:

@@ -87,7 +87,8 @@ from cpsl.errors import CheckpointError, ConfigError, DataError
 from cpsl.inference import normalize_image
 from cpsl.labels import IGNORE_INDEX
 from cpsl.methods.base import Method, TrainContext, set_requires_grad
-from cpsl.methods.losses import class_divisor, logit_sinkhorn_epsilon, seg_cross_entropy, upsample
+from cpsl.methods.losses import (class_divisor, logit_sinkhorn_epsilon, seg_cross_entropy, sinkhorn_iterations,
+                                 upsample)
 from cpsl.methods.sinkhorn import PixelQueue, safe_normalize, self_label_loss
 from cpsl.models import freeze_bn, revert_sync_bn
 from cpsl.train.data import _seed_int
@@ -564,7 +565,9 @@ class SelfLabel(Method):
         # (the reference's use_the_queue), not after this iteration's pushes: it starts one iteration later.
         contrast_ready = self.queue.filled + (b_global - 1) * sl.pixels_per_image >= self.queue.length
         l_sl, _ = self_label_loss(q_feats, q_logits, q_labels, self.prototypes, self.queue, self.marginal,
-                                  n_images=b_global, tau=sl.tau, epsilon=sl.epsilon, iters=sl.sinkhorn_iters,
+                                  n_images=b_global, tau=sl.tau, epsilon=sl.epsilon,
+                                  iters=sinkhorn_iterations(sl.sinkhorn_iters, self.cfg.model.n_class,
+                                                            self.cfg.reference_class_scaling),
                                   reference_scores=sl.reference_queue_scores,
                                   logit_epsilon=logit_sinkhorn_epsilon(sl.epsilon, self.cfg.model.n_class,
                                                                        self.cfg.reference_class_scaling))

@@ -52,6 +52,21 @@ class ShareMonitor:
         self.since = [0] * n_class            # the iteration where the current streak began
         self.next_warn = [drift_logs] * n_class
 
+    def state_dict(self) -> dict:
+        """The open window's counts (CPU) and the warning's counters: what a resumed run needs to log and warn
+        as the uninterrupted run does."""
+        return {"counts": self.counts.detach().cpu().clone(), "streak": list(self.streak),
+                "since": list(self.since), "next_warn": list(self.next_warn)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict``; ValueError when it is for another number of classes."""
+        counts = state["counts"]
+        lists = [state[k] for k in ("streak", "since", "next_warn")]
+        if tuple(counts.shape) != tuple(self.counts.shape) or any(len(v) != self.n_class for v in lists):
+            raise ValueError(f"class shares state for {counts.shape[-1]} classes, the model has {self.n_class}")
+        self.counts.copy_(counts.to(self.counts.device, self.counts.dtype))
+        self.streak, self.since, self.next_warn = ([int(x) for x in v] for v in lists)
+
     def add(self, student_pred: Tensor, teacher_pred: Tensor, valid: Tensor) -> None:
         """Count one batch: argmax maps (B, h, w) of the student and the teacher, ``valid`` (B, h, w) bool."""
         self.counts[0] += class_counts(student_pred, valid, self.n_class)

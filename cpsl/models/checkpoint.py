@@ -10,6 +10,8 @@ bool/None only)::
     model           student state dict
     ema_model, prototypes, prototypes_ema, optimizer, scheduler, discriminator, disc_optimizer   (optional)
     queues          stage 1's pixel queues: {"feats", "logits", "labels", "filled"}
+    shares          stages 1-3, resumable checkpoints: the class-share monitor's open window and warning counters
+                    {"counts", "streak", "since", "next_warn"} (cpsl.methods.shares)
     iteration       number of finished iterations
     rng             capture_rng_state(): python / numpy / torch / cuda generator states
     config          the resolved step config (plain dict)
@@ -44,8 +46,8 @@ from cpsl.provenance import fix_temp_mode, remove_stale_temps, temp_prefix
 
 FORMAT = "cpsl-checkpoint"
 FORMAT_VERSION = 1
-OPTIONAL_KEYS = ("ema_model", "prototypes", "prototypes_ema", "queues", "optimizer", "scheduler", "discriminator",
-                 "disc_optimizer", "iteration", "rng", "config", "seed", "extra")
+OPTIONAL_KEYS = ("ema_model", "prototypes", "prototypes_ema", "queues", "shares", "optimizer", "scheduler",
+                 "discriminator", "disc_optimizer", "iteration", "rng", "config", "seed", "extra")
 _SAFE_LEAVES = (torch.Tensor, str, int, float, bool, type(None), torch.dtype, torch.device)
 
 
