@@ -518,7 +518,7 @@ class SelfLabelConfig:
     class_dist: Path | None = None
     tau: float = 0.08                 # temperature of prototype similarities
     epsilon: float = 0.05             # Sinkhorn entropic regularisation
-    sinkhorn_iters: int = 3
+    sinkhorn_iters: int = 3           # at 19 classes; ceil(x 19 / K) at K (train.reference_class_scaling)
     pixels_per_image: int = 256       # pixels sampled per image for the queues (reference fbs)
     queue_length: int = 65536
     sl_weight: float = 0.1            # class-balanced self-labeling loss (reference SL_lambda)
@@ -592,9 +592,11 @@ class TrainConfig:
     between resumable checkpoints (``out/checkpoints/last.pt``); ``log_interval``: iterations per line of ``out/metrics.jsonl``. The losses
     are read from the device (and checked for NaN/Inf) at log and checkpoint iterations only.
     ``reference_class_scaling``: scale the class-count-dependent terms (stage 1's consistency KL and logit-branch
-    Sinkhorn epsilon, the ``kd_mode: reference`` KD term) with the actual number of classes, as the reference
-    does (the paper presets); off (the default), they are scaled as for 19 classes whatever the number is, so that
-    a weight means the same for 2 and for 19 classes (#27; ``cpsl.methods.losses.class_divisor``).
+    Sinkhorn epsilon, the ``kd_mode: reference`` KD term) with the actual number of classes and run
+    ``selflabel.sinkhorn_iters`` Sinkhorn iterations at any number, as the reference does (the paper presets);
+    off (the default), they are scaled as for 19 classes whatever the number is, so that a weight means the same
+    for 2 and for 19 classes, and the iterations are ``ceil(sinkhorn_iters x 19 / K)``, so that the class
+    balancing does as much per run (#27; ``cpsl.methods.losses``).
     ``share_drift``, ``share_drift_logs``: stages 1-3 warn when the student's predicted share of a class on the
     target stays more than ``share_drift`` (absolute) from the class marginal (or the teacher's share) for
     ``share_drift_logs`` logged iterations in a row (``cpsl.methods.shares``).

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from cpsl.config import TrainConfig, load
 from cpsl.errors import ConfigError
 from cpsl.methods.distill import kd_reference
-from cpsl.methods.losses import REFERENCE_N_CLASS, class_divisor, logit_sinkhorn_epsilon
+from cpsl.methods.losses import REFERENCE_N_CLASS, class_divisor, logit_sinkhorn_epsilon, sinkhorn_iterations
 from cpsl.methods.selflabel import consistency_loss
+from cpsl.methods.sinkhorn import sinkhorn
 from cpsl.methods.shares import ShareMonitor, class_counts
 
 from .train_helpers import train_dict
@@ -91,6 +92,42 @@ def test_logit_epsilon_keeps_the_sinkhorn_odds_of_equal_rms_logits():
         assert (odds[2] == pytest.approx(odds[19], rel=1e-12)) == same
         if not same:
             assert odds[2] == pytest.approx(28.2843, rel=1e-5)                        # 3.08 x sharper
+
+
+def test_sinkhorn_iterations_scale_with_the_class_count():
+    assert sinkhorn_iterations(3, 19, False) == sinkhorn_iterations(3, 19, True) == 3       # the demo: unchanged
+    assert [sinkhorn_iterations(3, k, False) for k in (2, 3, 4, 16, 38)] == [29, 19, 15, 4, 2]   # ceil(57 / K)
+    assert sinkhorn_iterations(3, 2, True) == sinkhorn_iterations(3, 16, True) == 3         # the presets
+    assert sinkhorn_iterations(10, 2, False) == 95
+
+
+def _class_total_error_left(k: int, iters: int, gap: float = 0.3, eps: float = 0.05, per: int = 60) -> float:
+    """Sinkhorn on ``per`` pixels of each of k classes, scored 1 for their class and 1 - gap for every other, with
+    a marginal that gives class 0 2 % more than its share 1/k: the fraction of class 0's total error (mean
+    assignment - marginal) left after ``iters`` iterations."""
+    labels = torch.arange(k).repeat_interleave(per)
+    scores = torch.full((k * per, k), 1.0 - gap, dtype=torch.float64)
+    scores[torch.arange(k * per), labels] = 1.0
+    r = torch.full((k,), 1.0 / k, dtype=torch.float64)
+    r[1:] -= 0.02 / k / (k - 1)
+    r[0] *= 1.02
+    start = sinkhorn(scores, r, eps, 0).mean(0)[0] - r[0]
+    return float((sinkhorn(scores, r, eps, iters).mean(0)[0] - r[0]) / start)
+
+
+def test_sinkhorn_balancing_per_run_does_not_depend_on_the_class_count():
+    # The linearised Sinkhorn (losses.sinkhorn_iterations) leaves exp(-2 K a T) of the error, a = exp(-gap / eps)
+    # = exp(-6): 19 classes x 3 iterations 0.754, 2 classes x 29 iterations 0.750, 2 x 3 0.971
+    a = math.exp(-0.3 / 0.05)
+    assert math.exp(-2 * 19 * a * 3) == pytest.approx(0.7538, abs=1e-4)
+    assert math.exp(-2 * 2 * a * 29) == pytest.approx(0.7501, abs=1e-4)
+    at19 = _class_total_error_left(19, sinkhorn_iterations(3, 19, False))
+    at2 = _class_total_error_left(2, sinkhorn_iterations(3, 2, False))
+    at2_reference = _class_total_error_left(2, sinkhorn_iterations(3, 2, True))
+    at3 = _class_total_error_left(3, sinkhorn_iterations(3, 3, False))
+    assert at19 == pytest.approx(0.760, abs=0.005)
+    assert at2 == pytest.approx(0.710, abs=0.005) and at3 == pytest.approx(0.746, abs=0.005)   # within 0.05 of 19
+    assert at2_reference == pytest.approx(0.971, abs=0.005)       # the reference's 3 iterations barely balance
 
 
 def test_presets_set_the_reference_switch_and_the_template_does_not():

@@ -390,8 +390,10 @@ def test_method_state_groups_and_gradients(pair_dir):  # noqa: F811
 
 def test_stage1_trains_end_to_end_and_resumes_exactly(tmp_path, pair_dir):  # noqa: F811
     # Dropout on, BatchNorm in train mode, CutMix on half of the iterations, queues full from iteration 2:
-    # the resumed run must restore the EMA network, P, Pe, the queues, the optimizer and every RNG state.
-    cfg = stage1_dict(pair_dir, max_iters=8, checkpoint_interval=2, log_interval=1)
+    # the resumed run must restore the EMA network, P, Pe, the queues, the optimizer, every RNG state and the
+    # class-share monitor (a share_drift of 0.01 makes its warning counters move)
+    cfg = stage1_dict(pair_dir, max_iters=8, checkpoint_interval=2, log_interval=1, share_drift=0.01,
+                      share_drift_logs=1)
     config = write_config(tmp_path / "train.yaml", cfg)
     killed, full = tmp_path / "killed", tmp_path / "full"
     last = kill_at_first_checkpoint(config, killed)
@@ -414,6 +416,10 @@ def test_stage1_trains_end_to_end_and_resumes_exactly(tmp_path, pair_dir):  # no
     for key in ("prototypes", "prototypes_ema"):
         assert (a[key] - b[key]).abs().max() <= 1e-6, key
     assert torch.equal(a["queues"]["labels"], b["queues"]["labels"])
+    shares = [load_checkpoint(run / "checkpoints" / "last.pt")["shares"] for run in (killed, full)]
+    assert shares[0]["streak"] == shares[1]["streak"] and shares[0]["next_warn"] == shares[1]["next_warn"]
+    assert shares[0]["since"] == shares[1]["since"] and torch.equal(shares[0]["counts"], shares[1]["counts"])
+    assert max(shares[0]["streak"]) > 8 - stopped_at       # a streak counted across the kill
     assert (a["queues"]["feats"] - b["queues"]["feats"]).abs().max() <= 1e-6
     lines = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in lines] == list(range(1, 9))

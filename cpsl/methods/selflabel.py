@@ -15,7 +15,9 @@ the bilinear ``align_corners=True`` upsampling of the student's outputs, as in e
        up() puts the student's stride-8 samples (sample i on crop pixel 8i) 1.07 px on average and at most 2.5 px
        (per axis, at 512 x 896) from the label cells' centres; align_corners=False would give 2.00 / 4.4 px
     6. L_SL   = class-balanced self-labeling of the learnable prototypes P on pixels sampled from the EMA maps,
-       with Sinkhorn over feature / logit queues (``cpsl.methods.sinkhorn``); gradient to P only
+       with Sinkhorn over feature / logit queues (``cpsl.methods.sinkhorn``; ``sinkhorn_iters`` x 19 / K
+       iterations, rounded up, unless ``train.reference_class_scaling``: ``losses.sinkhorn_iterations``);
+       gradient to P only
     7. L_con  = pixel contrastive loss of the student's weak-crop features against the feature queue, only when
        no CutMix happened this iteration and the queue was full before the push of one of the batch's images
        (the reference's ``use_the_queue``, decided before the push: with 65536 = 64 x 4 x 256 rows, from
