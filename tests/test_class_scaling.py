@@ -262,5 +262,6 @@ def test_few_class_benchmark_pairs_and_config(tmp_path):
     exp = fc.experiment(tmp_path / "few2", 2, [0, 1, 2])
     assert "oracle" not in exp["stages"] and exp["datasets"]["target_train"]["labels"] is False
     assert {s: exp["stages"][s]["max_iters"] for s in exp["stages"]} == fc.SCHEDULE
-    assert exp["stages"]["stage1"]["selflabel"] == {"queue_length": 2048, "ema_momentum": 0.98}   # template's
+    assert exp["stages"]["stage1"]["selflabel"] == {"queue_length": 2048, "ema_momentum": 0.98,
+                                                 "ema_mode": "train"}   # the template's
     assert "reference_class_scaling" not in exp["train"]                                          # the default
