@@ -43,7 +43,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: invalid value {value!r}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        # each alternative's complaint without the key: "'yes' is not one of 'auto'; expected true or false, ..."
+        why = "; ".join(err.split(": ", 1)[-1] for err in errors)
+        raise ConfigError(f"{key}: invalid value {value!r} ({why})")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -598,6 +602,13 @@ class TrainConfig:
     ``share_drift``, ``share_drift_logs``: stages 1-3 warn when the student's predicted share of a class on the
     target stays more than ``share_drift`` (absolute) from the class marginal (or the teacher's share) for
     ``share_drift_logs`` logged iterations in a row (``cpsl.methods.shares``).
+    ``accumulate``: gradient accumulation, k forward/backward passes of ``data.batch_size`` samples (the batch
+    summed over the processes) per optimizer step: an optimizer step sees ``data.batch_size x accumulate``
+    samples, and ``max_iters``, the intervals, the schedules and the checkpoints count optimizer steps. Under
+    DDP the gradients are all-reduced once per step. BatchNorm in train mode sees micro-batch statistics, so
+    the result equals a ``batch_size x k`` run only with ``freeze_bn`` (what each stage does per micro-batch
+    and per step: ``cpsl.methods.base.Method.step``). ``channels_last``: the networks' memory format;
+    ``auto`` = channels_last on CUDA (cuDNN's fast layout for bf16 convolutions), NCHW on the CPU.
     """
 
     stage: Literal["source_only", "warmup", "oracle", "stage1", "stage2", "stage3"]
@@ -619,9 +630,13 @@ class TrainConfig:
     reference_class_scaling: bool = False
     share_drift: float = 0.10
     share_drift_logs: int = 3
+    accumulate: int = 1
+    channels_last: Literal["auto"] | bool = "auto"
 
     def validate(self, prefix: str = "") -> None:
         _check(self.max_iters >= 1, _join(prefix, "max_iters"), f"must be >= 1 (got {self.max_iters})")
+        _check(self.accumulate >= 1, _join(prefix, "accumulate"),
+               f"must be >= 1 (micro-batches per optimizer step; got {self.accumulate})")
         _check(0.0 < self.share_drift <= 1.0, _join(prefix, "share_drift"),
                f"must be in (0, 1] (a difference of class shares; got {self.share_drift})")
         _check(self.share_drift_logs >= 1, _join(prefix, "share_drift_logs"),

@@ -19,7 +19,7 @@ from cpsl.models.resnet import iter_norm_modules
 from cpsl.models.weights import load_init_weights
 
 __all__ = ["DeepLabV2", "FCDiscriminator", "build_discriminator", "build_model", "convert_sync_bn", "freeze_bn",
-           "place", "revert_sync_bn"]
+           "place", "revert_sync_bn", "uses_channels_last"]
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,24 @@ def build_model(cfg: ModelConfig, key: str = "model") -> DeepLabV2:
     return model
 
 
-def place(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """``model`` on ``device``. On CUDA also in the channels_last memory format (cuDNN's fast layout for bf16 /
-    fp16 convolutions; the inputs follow the weights) and with cuDNN's autotuner on (``cudnn.benchmark``: the
-    crops have fixed shapes and the dilated convolutions have several algorithms). On the CPU the model is only
-    moved, so CPU results stay those of the NCHW layout."""
+def uses_channels_last(setting: bool | str, device: torch.device | str) -> bool:
+    """Whether a network goes into the channels_last memory format: the ``channels_last`` setting of a training
+    stage (true / false), or ``auto``: on CUDA only."""
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    return bool(setting)
+
+
+def place(model: nn.Module, device: torch.device | str, channels_last: bool | str = "auto") -> nn.Module:
+    """``model`` on ``device``, in the channels_last memory format when ``uses_channels_last(channels_last,
+    device)`` (by default on CUDA: cuDNN's fast layout for bf16 / fp16 convolutions; the inputs follow the
+    weights), and on CUDA with cuDNN's autotuner on (``cudnn.benchmark``: the crops have fixed shapes and the
+    dilated convolutions have several algorithms). By default on the CPU the model is only moved, so CPU results
+    stay those of the NCHW layout."""
     model = model.to(device)
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if uses_channels_last(channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     return model
 

@@ -3,9 +3,9 @@
 ``train(cfg, out)`` runs ``cfg.max_iters`` iterations of the stage's method (``cpsl.methods``)::
 
     for iteration in range(start, max_iters):
-        batch  = next batch of every domain the method needs      (cpsl.train.data: deterministic, endless)
-        losses = method.step(batch)                                (forward, backward, optimizer steps; the
-                                                                    losses stay on the device)
+        batches = the next `accumulate` batches of every domain   (cpsl.train.data: deterministic, endless)
+        losses = method.step(batches)                             (forward and backward per batch, optimizer
+                                                                    steps; the losses stay on the device)
         amp.update(); every scheduler steps once
         at log and checkpoint iterations only (one host sync): the losses averaged over the iterations since
         the last log line and over the processes; NaN/Inf -> TrainingError (the last checkpoint is kept)
@@ -373,7 +373,8 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     last_saved = start if state is not None else None
 
     datasets = build_datasets(cfg, method.domains, cfg.model.n_class)
-    loaders = build_loaders(cfg, datasets, rank=info.rank, world_size=info.world_size, start_iter=start,
+    k = cfg.accumulate   # micro-batches per iteration (optimizer step); the loaders count micro-batches
+    loaders = build_loaders(cfg, datasets, rank=info.rank, world_size=info.world_size, start_iter=start * k,
                             pin_memory=info.device.type == "cuda")
     if state is not None:
         per_rank = state.get("extra", {}).get("rng_per_rank") or []
@@ -392,11 +393,12 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
         for it in range(start, cfg.max_iters):
             done = it + 1
             t0 = time.perf_counter()
-            batch = {domain: to_device(next(loader_it), info.device) for domain, loader_it in iters.items()}
+            batches = [{domain: to_device(next(loader_it), info.device) for domain, loader_it in iters.items()}
+                       for _ in range(k)]
             t_data = time.perf_counter() - t0
             lrs = method.lrs()
             method.train_mode()
-            losses = method.step(batch)
+            losses = method.step(batches if k > 1 else batches[0])
             amp.update()
             for sched in method.schedulers.values():
                 sched.step()
@@ -418,7 +420,7 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
                 if log is not None:
                     record = {"iteration": done, **{f"loss/{k}": v for k, v in means.items()},
                               **{f"lr/{k}": v for k, v in lrs.items()}, **timing,
-                              "samples_per_s": cfg.data.batch_size / max(timing["time_iter"], 1e-9), **shares}
+                              "samples_per_s": cfg.data.batch_size * k / max(timing["time_iter"], 1e-9), **shares}
                     log.write(record)
                 postfix = {k: f"{v:.4g}" for k, v in means.items()}
                 if share_text:
@@ -440,7 +442,8 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     summary = {"stage": cfg.stage, "iterations": cfg.max_iters, "resumed_from": start,
                "final_losses": last_losses, "time_per_iter": float(np.mean(per_iter)) if per_iter else None,
                "wall_time_s": time.perf_counter() - t_start, "device": str(info.device),
-               "world_size": info.world_size, "global_batch": cfg.data.batch_size, **method.describe()}
+               "world_size": info.world_size, "global_batch": cfg.data.batch_size * k, "accumulate": k,
+               **method.describe()}
     _check_finite(method, cfg.max_iters, last_path, last_saved)
     if last_saved != cfg.max_iters:  # all ranks: gathering the RNG states is a collective
         rng_states = gather_rng_states()
