@@ -158,3 +158,63 @@ def test_accumulate_and_channels_last_settings(pair_dir, tmp_path):  # noqa: F81
             weights = [p for p in net.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
             assert weights
             assert all(p.is_contiguous(memory_format=torch.channels_last) == expected for p in weights), setting
+
+
+def test_two_processes_accumulating_match_one_batch(tmp_path, pair_dir):  # noqa: F811
+    """2 processes x 2 micro-batches of 1 sample each (gloo, CPU) = 1 process with a batch of 4: the pixel means
+    divide by the step's valid pixels of both ranks, the data split follows the sample positions. Warm-up: two
+    DDP-wrapped networks. (Whether the first micro-batch syncs does not change the numbers, an average being
+    linear; ``test_no_sync_on_all_but_the_last_micro_batch`` checks that it does not.)"""
+    from tests.train_helpers import TORCHRUN_2, finish, start_train, write_config
+
+    init = well_conditioned_init(tmp_path / "init.pt")
+    cfg = train_dict(pair_dir, "warmup", max_iters=3, init_checkpoint=str(init),
+                     **{**EXACT, "data.batch_size": 4, "data.workers": 0})
+    acc = json.loads(json.dumps(cfg))
+    acc["data"]["batch_size"], acc["accumulate"] = 2, 2
+    ddp = start_train(write_config(tmp_path / "acc.yaml", acc), tmp_path / "ddp", *TORCHRUN_2)
+    single, _, _ = _run(cfg, tmp_path / "single")
+    finish(ddp)
+    a = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")
+    for net in ("model", "discriminator"):
+        assert max_weight_diff(a[net], single[net]) < 1e-5, net
+    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    assert (summary["world_size"], summary["global_batch"], summary["accumulate"]) == (2, 4, 2)
+
+
+def test_no_sync_on_all_but_the_last_micro_batch(pair_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Under DDP every wrapped network of the method (warm-up: the student and the discriminator) skips the
+    gradient all-reduce in the backward passes of all but the step's last micro-batch."""
+    import torch.distributed as dist
+    from torch import nn
+
+    from cpsl.methods import TrainContext, build_method, warmup
+    from cpsl.methods.base import Amp
+    from cpsl.train.dist import DistInfo
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        cpu = torch.device("cpu")
+        cfg = load(TrainConfig, train_dict(pair_dir, "warmup", accumulate=3, **{"data.batch_size": 1}))
+        method = build_method(cfg, TrainContext(cpu, DistInfo(0, 1, 0, cpu), Amp("off", cpu)))
+        method.net, method.disc_net = nn.parallel.DistributedDataParallel(method.student), \
+            nn.parallel.DistributedDataParallel(method.disc)
+        seen = []
+        real = warmup.Warmup.forward_backward
+
+        def record(self, batch, micro):
+            seen.append((micro.index, self.net.require_backward_grad_sync, self.disc_net.require_backward_grad_sync))
+            return real(self, batch, micro)
+
+        monkeypatch.setattr(warmup.Warmup, "forward_backward", record)
+        from cpsl.train.data import build_datasets, build_loaders
+
+        loaders = build_loaders(cfg, build_datasets(cfg, method.domains, N_CLASS), rank=0, world_size=1,
+                                start_iter=0)
+        its = {d: iter(loader) for d, loader in loaders.items()}
+        method.train_mode()
+        method.step([{d: next(it) for d, it in its.items()} for _ in range(3)])
+        assert seen == [(0, False, False), (1, False, False), (2, True, True)]
+        assert method.net.require_backward_grad_sync and method.disc_net.require_backward_grad_sync
+    finally:
+        dist.destroy_process_group()
