@@ -12,7 +12,8 @@ is CPU autocast (the same regions as on CUDA: convolutions and matrix products i
 Per stage and precision: the peak over the second of two iterations (the first allocates the momentum buffers)
 and the part held between iterations (``state``: weights, the gradients until the next step's ``zero_grad``,
 momentum, EMA network, queues, the batch), for micro-batches of 4, 2 and 1 (``accumulate`` 1, 2, 4 at an
-optimizer batch of 4: an accumulated step holds no more than one micro-batch's iteration). Stage 1 is measured
+optimizer batch of 4: an accumulated step holds one micro-batch's iteration, plus the other micro-batches'
+inputs, tens of MB). Stage 1 is measured
 in its worst case: the contrastive term on (queue full, no CutMix this iteration). ``--validate`` checks the
 tracker on a small real CPU iteration of each stage against the CPU allocator's own events (``torch.profiler``
 with ``profile_memory``) and against itself under ``FakeTensorMode``.

@@ -70,7 +70,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
 # Settings that may change between a killed run and its resumption without changing the result.
 RESUME_FREE_KEYS = ("data.workers", "log_interval", "checkpoint_interval", "device", "share_drift",
-                    "share_drift_logs")
+                    "share_drift_logs", "channels_last")
 # The files and folders a stage reads (TrainConfig keys); their fingerprints go into checkpoints/last.pt.
 INPUT_KEYS = ("data.source", "data.target", "init_checkpoint", "model.init", "selflabel.soft_labels",
               "selflabel.prototypes", "selflabel.class_dist", "distill.teacher", "distill.hard_labels",
@@ -373,8 +373,9 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     last_saved = start if state is not None else None
 
     datasets = build_datasets(cfg, method.domains, cfg.model.n_class)
-    k = cfg.accumulate   # micro-batches per iteration (optimizer step); the loaders count micro-batches
-    loaders = build_loaders(cfg, datasets, rank=info.rank, world_size=info.world_size, start_iter=start * k,
+    micro_batches = cfg.accumulate   # per iteration (optimizer step); the loaders count micro-batches
+    loaders = build_loaders(cfg, datasets, rank=info.rank, world_size=info.world_size,
+                            start_iter=start * micro_batches,
                             pin_memory=info.device.type == "cuda")
     if state is not None:
         per_rank = state.get("extra", {}).get("rng_per_rank") or []
@@ -394,11 +395,11 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
             done = it + 1
             t0 = time.perf_counter()
             batches = [{domain: to_device(next(loader_it), info.device) for domain, loader_it in iters.items()}
-                       for _ in range(k)]
+                       for _ in range(micro_batches)]
             t_data = time.perf_counter() - t0
             lrs = method.lrs()
             method.train_mode()
-            losses = method.step(batches if k > 1 else batches[0])
+            losses = method.step(batches if micro_batches > 1 else batches[0])
             amp.update()
             for sched in method.schedulers.values():
                 sched.step()
@@ -420,7 +421,8 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
                 if log is not None:
                     record = {"iteration": done, **{f"loss/{k}": v for k, v in means.items()},
                               **{f"lr/{k}": v for k, v in lrs.items()}, **timing,
-                              "samples_per_s": cfg.data.batch_size * k / max(timing["time_iter"], 1e-9), **shares}
+                              "samples_per_s": cfg.data.batch_size * micro_batches / max(timing["time_iter"], 1e-9),
+                              **shares}
                     log.write(record)
                 postfix = {k: f"{v:.4g}" for k, v in means.items()}
                 if share_text:
@@ -442,7 +444,8 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     summary = {"stage": cfg.stage, "iterations": cfg.max_iters, "resumed_from": start,
                "final_losses": last_losses, "time_per_iter": float(np.mean(per_iter)) if per_iter else None,
                "wall_time_s": time.perf_counter() - t_start, "device": str(info.device),
-               "world_size": info.world_size, "global_batch": cfg.data.batch_size * k, "accumulate": k,
+               "world_size": info.world_size, "global_batch": cfg.data.batch_size * micro_batches,
+               "accumulate": micro_batches,
                **method.describe()}
     _check_finite(method, cfg.max_iters, last_path, last_saved)
     if last_saved != cfg.max_iters:  # all ranks: gathering the RNG states is a collective
