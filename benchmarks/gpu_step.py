@@ -10,7 +10,8 @@ stand-ins for the input files), runs ``--warmup`` iterations (cuDNN autotuning, 
 ``--iters`` iterations of ``method.step`` including the batch's copy to the device (from pinned memory, as the
 training loop does), on random full-size batches made beforehand by the real ``TrainDataset`` (the data loaders'
 CPU work, which DataLoader workers do in parallel, is not timed). Reports s/iter, samples/s and the peak CUDA
-memory (``torch.cuda.max_memory_allocated``; n/a on the CPU) as a Markdown table on stdout.
+memory (``torch.cuda.max_memory_allocated`` above what was allocated before the configuration; n/a on the CPU)
+as a Markdown table on stdout.
 
 The whole run stops starting configurations when ``--time-limit`` seconds (default 480) would be exceeded; they
 are listed as not run. The order puts the production setting first (bf16, channels_last, eager: every stage),
@@ -78,7 +79,9 @@ def _sync(device: torch.device) -> None:
 
 def run_one(stage: str, amp: str, channels_last: bool, compiled: bool, iters: int, warmup: int,
             device: torch.device, batches: list, over: dict[str, Any]) -> dict[str, Any]:
-    """Time ``iters`` iterations of one configuration (after ``warmup`` untimed ones)."""
+    """Time ``iters`` iterations of one configuration (after ``warmup`` untimed ones). The peak memory is counted
+    above what was allocated before the method was built (anything an earlier configuration left behind)."""
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     cfg = preset_config(stage, amp=amp, channels_last=channels_last, device=device.type, **over)
     method = offline_method(cfg, device)
     if stage == "stage1":   # full queues from the start (the contrastive term runs when there is no CutMix)
@@ -105,7 +108,7 @@ def run_one(stage: str, amp: str, channels_last: bool, compiled: bool, iters: in
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     finite = all(math.isfinite(float(v)) for v in losses.values())
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None
     s_iter = sum(times) / len(times)
     return {"stage": stage, "amp": amp, "channels_last": channels_last, "compile": compiled, "s_iter": s_iter,
             "samples_s": cfg.data.batch_size / s_iter, "peak": peak, "finite": finite}
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows.append(row)
         print(f"{stage} amp={amp} channels_last={cl} compile={comp}: "
               f"{row.get('s_iter', row.get('error'))} ({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
+        if comp:
+            torch._dynamo.reset()   # the compiled graphs hold on to the configuration's networks
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
