@@ -68,9 +68,10 @@ the last micro-batch). Per micro-batch, in order: the source CE (divided by the 
 one batch), the EMA teacher, the rectified labels, the queue pushes with their Sinkhorn and L_SL (image by image
 as for one batch, so the same as one batch: the prototypes do not change within the step), L_CTS, the
 contrastive and consistency terms. The micro-batch means (L_CTS, L_cons over valid pixels; L_SL, L_con over
-images) are scaled by 1/k: L_SL equals one batch's; L_CTS and L_cons equal it when the micro-batches have
-equal numbers of valid pixels; L_con reads the queue after its own micro-batch's pushes, not after the whole
-step's, and starts when the queue was full before a push of its micro-batch. BatchNorm in train mode (the
+images) are scaled by 1/k: L_SL equals one batch's (with ``reference_queue_labels`` each micro-batch draws its
+own pixel permutation, as the reference draws one per batch); L_CTS and L_cons equal it when the micro-batches
+have equal numbers of valid pixels; L_con reads the queue after its own micro-batch's pushes, not after the
+whole step's, and starts when the queue was full before a push of its micro-batch. BatchNorm in train mode (the
 student, and the EMA network with ``ema_mode: train``) normalises with each micro-batch's statistics.
 """
 
