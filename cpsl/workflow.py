@@ -57,7 +57,8 @@ def _path_of(error: jsonschema.ValidationError) -> str:
 
 
 def check_schema(config: dict, schema_path: str | Path) -> None:
-    """Validate against the JSON schema; the error names the dotted key (and the unknown key, if any)."""
+    """Validate against the JSON schema; the error names the dotted key (and the unknown key, if any). A schema
+    entry's ``x-message`` (ignored by JSON Schema itself) replaces the validator's words for a bad value."""
     with open(schema_path, encoding="utf-8") as fh:
         schema = yaml.safe_load(fh)
     validator = jsonschema.Draft202012Validator(schema)
@@ -72,6 +73,8 @@ def check_schema(config: dict, schema_path: str | Path) -> None:
                           f"(allowed: {', '.join(err.schema.get('properties', {}))})")
     if err.validator == "propertyNames" or "propertyNames" in err.schema_path:  # a bad experiment name
         raise ConfigError(f"config: {key}: bad name {err.instance!r} (letters, digits, _ . - only)")
+    if isinstance(err.schema, dict) and "x-message" in err.schema:  # the schema's own words for a bad value
+        raise ConfigError(f"config: {key}: {err.instance!r}: {err.schema['x-message']}")
     raise ConfigError(f"config: {key}: {err.message}")
 
 
@@ -598,7 +601,8 @@ def final_targets(config: dict) -> list[str]:
 RULE_KINDS = ("synth", "prepare", "train", "evaluate", "stage_product", "collect")
 # threads: CPU cores (OMP_NUM_THREADS, SLURM --cpus-per-task); mem_mb: memory in MB; runtime: wall-clock limit in
 # minutes (SLURM -t); gpu: GPUs (0: the step runs on the CPU; >1: training launched with torchrun, one process
-# per GPU).
+# per GPU; auto: 1 if a CUDA device is usable on the machine that runs Snakemake, else 0, resolved once per run by
+# cpsl.gpus.resolve_auto).
 RESOURCE_KEYS = ("threads", "mem_mb", "runtime", "gpu")
 # What a kind gets for a key that config.yaml does not set.
 DEFAULT_RESOURCES = {"threads": 2, "mem_mb": 4000, "runtime": 60, "gpu": 0}
@@ -615,6 +619,12 @@ def rule_resources(config: dict, kind: str, exp: str | None = None) -> dict[str,
     key = resource_key(config, kind, exp)
     if exp is not None:
         res.update((experiment_settings(config, exp).get("resources") or {}).get(kind) or {})
+    if res["gpu"] == "auto":
+        from cpsl.gpus import resolve_auto
+
+        res["gpu"] = resolve_auto()[0]
+    elif isinstance(res["gpu"], bool) or not isinstance(res["gpu"], int) or res["gpu"] < 0:
+        raise ConfigError(f"config: {key}.gpu: {res['gpu']!r}: expected a number of GPUs (0, 1, 2, ...) or auto")
     if kind != "train" and res["gpu"] > 1:
         raise ConfigError(f"config: {key}.gpu: {res['gpu']}: only training runs on several GPUs (use 0 or 1)")
     return res
