@@ -702,3 +702,6 @@ class CollectConfig:
     metrics: list[Path] = field(default_factory=list)
     plots: bool = True
     notes: list[str] = field(default_factory=list)   # lines added under the tables (e.g. a stage left out)
+    # experiment -> a reference table (results/reference/*.csv): its rows and a "delta" row per stage are added to
+    # that experiment's table (the workflow sets it for the paper presets)
+    references: dict[str, Path] = field(default_factory=dict)
