@@ -133,3 +133,22 @@ def test_a_fresh_run_removes_an_earlier_best(tmp_path, pair_dir):  # noqa: F811
     train(load(TrainConfig, train_dict(pair_dir, "source_only", max_iters=3)), out)   # other settings: over
     assert not (out / "checkpoints" / "best.pt").exists()
     assert torch.is_tensor(load_checkpoint(out / "checkpoint.pt")["model"]["conv1.weight"])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_stage1_validates_its_ema_teacher_too(tmp_path, pair_dir):  # noqa: F811
+    from tests.test_selflabel import stage1_dict
+
+    # EMA momentum 1 and frozen BatchNorm: the teacher stays the initial (warm-up) network, so its score is that
+    # of `cpsl evaluate` on the initial checkpoint
+    target = train_dict(pair_dir)["data"]["target"]
+    cfg = load(TrainConfig, stage1_dict(pair_dir, max_iters=2, eval_interval=1, eval_data=target, freeze_bn=True,
+                                        **{"selflabel.ema_momentum": 1.0}))
+    out = tmp_path / "run"
+    train(cfg, out)
+    records = _val_records(out)
+    init = evaluate.run(EvaluateConfig(checkpoint=cfg.init_checkpoint, data=cfg.eval_data, device="cpu", workers=0,
+                                       samples=0), tmp_path / "eval")
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert all(r["val/teacher"] == pytest.approx(init["miou"], abs=1e-9) for r in records)
+    assert all(0.0 <= r["val/student"] <= 100.0 for r in records)
