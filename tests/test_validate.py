@@ -152,3 +152,23 @@ def test_stage1_validates_its_ema_teacher_too(tmp_path, pair_dir):  # noqa: F811
     assert [r["iteration"] for r in records] == [1, 2]
     assert all(r["val/teacher"] == pytest.approx(init["miou"], abs=1e-9) for r in records)
     assert all(0.0 <= r["val/student"] <= 100.0 for r in records)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_two_processes_shard_the_validation(tmp_path, pair_dir):  # noqa: F811
+    """Under torchrun each rank evaluates every second image of the subset and the counts are summed: the same
+    images and pixels as one process, and the same scores up to the DDP weights' rounding (about 40 s)."""
+    from tests.train_helpers import TORCHRUN_2, finish, start_train, well_conditioned_init
+
+    init = well_conditioned_init(tmp_path / "init.pt")
+    cfg = _with_validation(pair_dir, max_iters=4, freeze_bn=True, init_checkpoint=str(init), checkpoint_interval=2,
+                           eval_interval=2, eval_images=5, **{"model.dropout": 0.0, "data.batch_size": 4})
+    ddp = start_train(write_config(tmp_path / "train.yaml", cfg), tmp_path / "ddp", *TORCHRUN_2)
+    train(load(TrainConfig, cfg), tmp_path / "single")
+    finish(ddp)
+    a, b = _val_records(tmp_path / "ddp"), _val_records(tmp_path / "single")
+    assert [(r["iteration"], r["val_images"]) for r in a] == [(2, 5), (4, 5)]    # rank 0 alone wrote them
+    assert [r["val_pixels"] for r in a] == [r["val_pixels"] for r in b] and a[0]["val_pixels"] > 0
+    for x, y in zip(a, b):
+        assert x["val/student"] == pytest.approx(y["val/student"], abs=0.5)
+    assert load_checkpoint(tmp_path / "ddp" / "checkpoints" / "best.pt")["iteration"] == a[-1]["val_best_iteration"]

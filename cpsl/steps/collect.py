@@ -8,7 +8,12 @@ Writes into ``out`` (the workflow uses ``results/``)::
                   ``init`` and ``iteration`` extend it). Per-class values are IoU percent, empty where a class
                   never occurred. The class names are the experiment's own, in train-id order, from its
                   metrics.json files (its label table or ``classes.txt``).
-    <experiment>/summary.md   the same as a Markdown table (mIoU, mIoU-13 and per-class IoU, one decimal)
+    <experiment>/summary.md   the same as a Markdown table (mIoU, mIoU-13 and per-class IoU, one decimal; iteration)
+                  Rows of a stage: ``selection`` ``last`` (metrics.json) first, then ``best_on_val``
+                  (metrics_best.json: checkpoints/best.pt of a stage that validated during training). With a
+                  reference table for the experiment (``references``, the paper presets): its rows (``seed`` =
+                  ``paper`` for CPSL, ``peer`` for the others) and per stage and selection a ``delta`` row (ours
+                  minus the paper's, per class by name), and a last column ``reference`` naming the source.
     summary.csv   every experiment's rows, with the per-class columns only when every experiment has the same
                   classes (never one experiment's values under another's class names); else the mIoU columns
     summary.md    the same as a Markdown table, with the ``notes`` (e.g. an experiment without an oracle)
@@ -16,6 +21,7 @@ Writes into ``out`` (the workflow uses ``results/``)::
     plots/<experiment>_seed<S>_curves.png training losses per stage (from each stage's metrics.jsonl) and, for
                                           stages 1-3, the predicted class shares of student, teacher and
                                           class marginal on the target (``share/*`` keys, cpsl.methods.shares)
+    plots/<experiment>_seed<S>_validation.png mIoU over iterations of the stages that validated during training
     plots/<experiment>_seed<S>_samples.png target-val images, their labels and every stage's prediction in the
                                           Cityscapes palette (from each evaluation's samples/, see evaluate)
 

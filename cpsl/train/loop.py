@@ -313,14 +313,14 @@ def _on_main_rank(info: D.DistInfo, what: str, write: Any) -> None:
 
 def _resumable_state(method: Method, cfg: TrainConfig, iteration: int, amp: Amp,
                      rng_states: list[dict[str, Any]], inputs: dict[str, str],
-                     validator: Validator) -> dict[str, Any]:
+                     validator: Validator | None = None) -> dict[str, Any]:
     """The resumable checkpoint (``checkpoints/last.pt``) after ``iteration`` finished iterations."""
     parts = {k: v for k, v in method.state_dict(full=True).items() if k != "model"}
     return make_checkpoint(method.student, cfg.model, iteration=iteration, rng=rng_states[0],
                            config=to_dict(cfg), seed=cfg.seed,
                            extra={"stage": cfg.stage, **method.describe(), "grad_scaler": amp.state_dict(),
                                   "rng_per_rank": rng_states, "batch_size": cfg.data.batch_size,
-                                  "inputs": inputs, **validator.state()},
+                                  "inputs": inputs, **(validator.state() if validator else {})},
                            **parts)
 
 

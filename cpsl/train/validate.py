@@ -9,7 +9,8 @@ Every ``eval_interval`` iterations, and at ``max_iters``, the loop (``cpsl.train
   ``world_size``-th image of the subset and the confusion matrices are summed), without a second evaluator;
 * one line goes into ``metrics.jsonl``: ``iteration``, ``val/student`` (mIoU, percent), ``val/teacher`` (stage
   1), ``val_iou/<class>`` (the student's per-class IoU, null for a class absent from labels and predictions),
-  ``val_best`` and ``val_best_iteration`` (the best student so far), ``val_images``, ``val_time_s``;
+  ``val_best`` and ``val_best_iteration`` (the best student so far), ``val_images``, ``val_pixels`` (the
+  labelled pixels counted, over all processes), ``val_time_s``;
 * when the student's mIoU is at least the best so far (``>=``: a later equal score wins, as in the reference),
   ``checkpoints/best.pt`` is written (rank 0, atomically): the networks only, like ``checkpoint.pt``, with
   ``iteration`` = that iteration and ``extra.validation`` = the score. ``cpsl evaluate`` with ``selection:
@@ -94,7 +95,7 @@ class Validator:
         """The entry of ``extra`` in the resumable checkpoint."""
         return {STATE_KEY: {"best_miou": self.best, "best_iteration": self.best_iteration}}
 
-    def _miou(self, model: torch.nn.Module) -> tuple[float, dict[str, float | None]]:
+    def _miou(self, model: torch.nn.Module) -> tuple[float, dict[str, float | None], int]:
         setup = inference.Setup(self.info, self.split, self.indices, model, self.cfg.model, {})
         from cpsl.steps.evaluate import confusion
 
@@ -102,7 +103,7 @@ class Validator:
         cm = ConfusionMatrix(self.cfg.model.n_class)
         cm.merge(hist)
         summary = cm.summary(self.split.classes)
-        return float(summary["miou"]), summary["per_class"]
+        return float(summary["miou"]), summary["per_class"], int(hist.sum())
 
     def run(self, method: Any, done: int, on_main: Callable[[str, Callable[[], None]], None]) -> dict[str, Any]:
         """Evaluate at iteration ``done`` (every rank: the evaluation is sharded), keep ``best.pt`` and return the
@@ -116,12 +117,13 @@ class Validator:
         modes = {name: net.training for name, net in nets.items()}
         scores: dict[str, float] = {}
         per_class: dict[str, float | None] = {}
+        pixels = 0
         try:
             for name, net in nets.items():
                 net.eval()
-                scores[name], classes = self._miou(net)
+                scores[name], classes, counted = self._miou(net)
                 if name == "student":
-                    per_class = classes
+                    per_class, pixels = classes, counted
         finally:
             for name, net in nets.items():
                 net.train(modes[name])
@@ -139,5 +141,6 @@ class Validator:
         record: dict[str, Any] = {"iteration": done, **{f"val/{k}": v for k, v in scores.items()},
                                   **{f"val_iou/{k}": v for k, v in per_class.items()},
                                   "val_best": self.best, "val_best_iteration": self.best_iteration,
-                                  "val_images": self.n_images, "val_time_s": time.perf_counter() - t0}
+                                  "val_images": self.n_images, "val_pixels": pixels,
+                                  "val_time_s": time.perf_counter() - t0}
         return record
