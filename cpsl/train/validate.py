@@ -71,7 +71,7 @@ class Validator:
         self.split.require_labels("eval_data", "validation during training (eval_interval)")
         chosen = subset(len(self.split), cfg.eval_images)
         self.n_images = len(chosen)
-        self.indices = chosen[info.rank::info.world_size]
+        self.indices = [chosen[i] for i in inference.shard_indices(len(chosen), info.rank, info.world_size)]
         amp = cfg.amp == "bf16" or (cfg.amp == "fp16" and info.device.type == "cuda")
         self.eval_cfg = EvaluateConfig(checkpoint=out / BEST, data=Path(cfg.eval_data), device=cfg.device,
                                        batch_size=cfg.eval_batch_size, workers=cfg.eval_workers, amp=amp,
