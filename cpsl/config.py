@@ -602,6 +602,8 @@ class TrainConfig:
     ``share_drift``, ``share_drift_logs``: stages 1-3 warn when the student's predicted share of a class on the
     target stays more than ``share_drift`` (absolute) from the class marginal (or the teacher's share) for
     ``share_drift_logs`` logged iterations in a row (``cpsl.methods.shares``).
+    ``eval_interval`` (0: off), ``eval_images``, ``eval_data``, ``eval_batch_size``, ``eval_workers``: validation
+    during training and ``checkpoints/best.pt`` (``cpsl.train.validate``).
     ``accumulate``: gradient accumulation, k forward/backward passes of ``data.batch_size`` samples (the batch
     summed over the processes) per optimizer step: an optimizer step sees ``data.batch_size x accumulate``
     samples, and ``max_iters``, the intervals, the schedules and the checkpoints count optimizer steps. Under
@@ -630,11 +632,29 @@ class TrainConfig:
     reference_class_scaling: bool = False
     share_drift: float = 0.10
     share_drift_logs: int = 3
+    # Validation during training (cpsl.train.validate): every eval_interval iterations (and at max_iters) the
+    # student, and stage 1's EMA teacher, are evaluated on eval_data (a prepared labelled split: the target val
+    # split, filled in by the workflow), or on eval_images of its images spread evenly over it (0: all);
+    # the best student so far is kept as checkpoints/best.pt. 0: off.
+    eval_interval: int = 0
+    eval_images: int = 0
+    eval_data: Path | None = None
+    eval_batch_size: int = 1
+    eval_workers: int = 0
+    # Gradient accumulation (micro-batches per optimizer step) and the networks' memory format (docstring above)
     accumulate: int = 1
     channels_last: Literal["auto"] | bool = "auto"
 
     def validate(self, prefix: str = "") -> None:
         _check(self.max_iters >= 1, _join(prefix, "max_iters"), f"must be >= 1 (got {self.max_iters})")
+        for name, zero in (("eval_interval", "off"), ("eval_images", "all images"), ("eval_workers", "none")):
+            _check(getattr(self, name) >= 0, _join(prefix, name),
+                   f"must be >= 0 (0: {zero}; got {getattr(self, name)})")
+        _check(self.eval_batch_size >= 1, _join(prefix, "eval_batch_size"),
+               f"must be >= 1 (got {self.eval_batch_size})")
+        _check(self.eval_interval == 0 or self.eval_data is not None, _join(prefix, "eval_data"),
+               f"required when eval_interval is set ({self.eval_interval}): a prepared labelled split to validate on "
+               "(the workflow fills in the target val split)")
         _check(self.accumulate >= 1, _join(prefix, "accumulate"),
                f"must be >= 1 (micro-batches per optimizer step; got {self.accumulate})")
         _check(0.0 < self.share_drift <= 1.0, _join(prefix, "share_drift"),
@@ -698,3 +718,6 @@ class CollectConfig:
     metrics: list[Path] = field(default_factory=list)
     plots: bool = True
     notes: list[str] = field(default_factory=list)   # lines added under the tables (e.g. a stage left out)
+    # experiment -> a reference table (results/reference/*.csv): its rows and a "delta" row per stage are added to
+    # that experiment's table (the workflow sets it for the paper presets)
+    references: dict[str, Path] = field(default_factory=dict)

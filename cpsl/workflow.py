@@ -44,6 +44,19 @@ STAGE_INPUTS: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 
+# The published numbers that ``collect`` puts beside a paper preset's own rows: the repository's
+# results/reference/<file> (the Snakefile passes its folder; REFERENCE_DIR is the one next to this package).
+PAPER_REFERENCES = {"gta5_cityscapes": "gta5_cityscapes.csv", "synthia_cityscapes": "synthia_cityscapes.csv"}
+REFERENCE_DIR = Path(__file__).resolve().parent.parent / "results" / "reference"
+
+
+def reference_files(config: dict, reference_dir: str | Path | None = None) -> dict[str, str]:
+    """Experiment -> its reference table, for the selected paper presets whose table exists."""
+    folder = Path(reference_dir) if reference_dir is not None else REFERENCE_DIR
+    return {exp: str(folder / PAPER_REFERENCES[exp]) for exp in selected_experiments(config)
+            if exp in PAPER_REFERENCES and (folder / PAPER_REFERENCES[exp]).is_file()}
+
+
 # ``model.init: "@<stage>"`` names the final checkpoint of an earlier stage of the same experiment and seed; the
 # student takes its weights without the classifier (init_format "checkpoint"). The demo starts its stage-2 student
 # from the source-only model this way, as its stand-in for the paper's SimCLRv2 weights. ``init_checkpoint:
@@ -57,7 +70,8 @@ def _path_of(error: jsonschema.ValidationError) -> str:
 
 
 def check_schema(config: dict, schema_path: str | Path) -> None:
-    """Validate against the JSON schema; the error names the dotted key (and the unknown key, if any)."""
+    """Validate against the JSON schema; the error names the dotted key (and the unknown key, if any). A schema
+    entry's ``x-message`` (ignored by JSON Schema itself) replaces the validator's words for a bad value."""
     with open(schema_path, encoding="utf-8") as fh:
         schema = yaml.safe_load(fh)
     validator = jsonschema.Draft202012Validator(schema)
@@ -72,6 +86,8 @@ def check_schema(config: dict, schema_path: str | Path) -> None:
                           f"(allowed: {', '.join(err.schema.get('properties', {}))})")
     if err.validator == "propertyNames" or "propertyNames" in err.schema_path:  # a bad experiment name
         raise ConfigError(f"config: {key}: bad name {err.instance!r} (letters, digits, _ . - only)")
+    if isinstance(err.schema, dict) and "x-message" in err.schema:  # the schema's own words for a bad value
+        raise ConfigError(f"config: {key}: {err.instance!r}: {err.schema['x-message']}")
     raise ConfigError(f"config: {key}: {err.message}")
 
 
@@ -105,8 +121,9 @@ def results_dir(config: dict) -> Path:
 def claim_results_dir(config: dict) -> Path:
     """Create ``results_dir`` (or adopt it) as the workflow's own folder before anything is written into it.
 
-    A new or empty folder gets the ownership marker (``cpsl.outputs``); so does one that an earlier version of
-    the workflow wrote (it holds ``<experiment>/configs/`` of a selected experiment or a collect record). Any other
+    A new or empty folder gets the ownership marker (``cpsl.outputs``); so does the repository's own ``results/``
+    as a fresh clone has it (README.md and reference/ only: ``outputs.is_repository_results``), and one that an
+    earlier version of the workflow wrote (it holds ``<experiment>/configs/`` of a selected experiment or a collect record). Any other
     existing folder, a file, or a folder we cannot write to stops the workflow with one line naming it.
     """
     from cpsl import outputs
@@ -115,7 +132,7 @@ def claim_results_dir(config: dict) -> Path:
     key = f"config: results_dir: {rd}"
     if rd.exists() and not rd.is_dir():
         raise ConfigError(f"{key}: is a file, not a folder; choose another results_dir")
-    if rd.is_dir() and not outputs.owner_steps(rd) and any(rd.iterdir()):
+    if rd.is_dir() and not outputs.owner_steps(rd) and any(rd.iterdir()) and not outputs.is_repository_results(rd):
         legacy = any((rd / exp / "configs").is_dir() for exp in selected_experiments(config))
         if not legacy:
             raise ConfigError(f"{key}: folder exists, is not empty and was not made by cpsl-pipeline (no "
@@ -453,6 +470,22 @@ def fetch_configs(config: dict) -> dict[str, dict]:
     return out
 
 
+def eval_interval(config: dict, exp: str, stage: str) -> int:
+    """The stage's ``eval_interval`` (0: no validation during training, no ``checkpoints/best.pt``)."""
+    value = _stage_settings(config, exp, stage).get("eval_interval", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def best_stages(config: dict, exp: str) -> list[str]:
+    """The stages that validate during training and so keep ``checkpoints/best.pt``, evaluated as
+    ``metrics_best.json`` (``selection: best_on_val``) beside the final checkpoint's ``metrics.json``."""
+    return [stage for stage in stages(config, exp) if eval_interval(config, exp, stage) > 0]
+
+
+def best_checkpoint(config: dict, exp: str, seed: int, stage: str) -> Path:
+    return stage_dir(config, exp, seed, stage) / "checkpoints" / "best.pt"
+
+
 def train_config(config: dict, exp: str, seed: int, stage: str) -> dict:
     """The resolved ``cpsl train`` settings of one stage: ``train`` (shared) merged with ``stages.<stage>``,
     the experiment's ``model``, the prepared data folders, and the stage/experiment/seed names."""
@@ -468,6 +501,8 @@ def train_config(config: dict, exp: str, seed: int, stage: str) -> dict:
     if stage != "source_only" or data.get("lab_transfer"):
         data["target"] = str(prepared_dir(config, exp, "target_train"))
     merged.update(stage=stage, experiment=exp, seed=seed, data=data)
+    if eval_interval(config, exp, stage) > 0:   # validation during training, on the target val split
+        merged["eval_data"] = str(prepared_dir(config, exp, "target_val"))
     inputs = stage_inputs(config, exp, stage)
     for key, (src, product) in inputs.items():
         path = product_path(config, exp, seed, src, product)
@@ -495,7 +530,8 @@ def inference_config(config: dict, exp: str, seed: int, step: str, stage: str, r
     check_keys(C.InferenceSettings, settings.get("inference"), key)
     raw = dict(settings.get("inference") or {})
     raw.update(checkpoint=str(stage_dir(config, exp, seed, stage) / "checkpoint.pt"),
-               data=str(prepared_dir(config, exp, role)), **extra)
+               data=str(prepared_dir(config, exp, role)))
+    raw.update(extra)
     if step == "evaluate":
         raw.update(stage=stage, experiment=exp, seed=seed)
     return C.to_dict(C.load(classes[step], raw, key))
@@ -523,8 +559,9 @@ def write_step_config(path: str | Path, resolved: dict) -> Path:
     return Path(path)
 
 
-def step_config_files(config: dict) -> dict[str, Path]:
+def step_config_files(config: dict, reference_dir: str | Path | None = None) -> dict[str, Path]:
     """Resolve and write the per-step config of every selected experiment; return {tag: path}.
+    ``reference_dir``: the folder of the reference tables (``reference_files``).
 
     Raises ConfigError naming the key for anything wrong, so the workflow stops before running a job.
     """
@@ -549,6 +586,11 @@ def step_config_files(config: dict) -> dict[str, Path]:
                 files[f"{tag}/evaluate_{stage}_{role}"] = write_step_config(
                     sdir / f"evaluate_{stage}_{role}.yaml",
                     inference_config(config, exp, seed, "evaluate", stage, role))
+            for stage in best_stages(config, exp):
+                files[f"{tag}/evaluate_{stage}_target_val_best"] = write_step_config(
+                    sdir / f"evaluate_{stage}_target_val_best.yaml",
+                    inference_config(config, exp, seed, "evaluate", stage, "target_val", selection="best_on_val",
+                                     checkpoint=str(best_checkpoint(config, exp, seed, stage))))
             for stage, product in products(config, exp):
                 files[f"{tag}/{product}_{stage}"] = write_step_config(
                     sdir / f"{product}_{stage}.yaml",
@@ -558,16 +600,25 @@ def step_config_files(config: dict) -> dict[str, Path]:
     metrics = metrics_files(config)
     if metrics:
         files["collect"] = write_step_config(results_dir(config) / "configs" / "collect.yaml",
-                                             C.to_dict(C.load(C.CollectConfig, {"metrics": metrics,
-                                                                                "notes": notes(config)})))
+                                             C.to_dict(C.load(C.CollectConfig, {
+                                                 "metrics": metrics, "notes": notes(config),
+                                                 "references": reference_files(config, reference_dir)})))
     return files
 
 
 def metrics_files(config: dict) -> list[str]:
-    """Every metrics.json of the selected experiments (the inputs of ``collect``)."""
+    """Every metrics.json of the selected experiments, and the metrics_best.json of the stages that validate
+    during training (the inputs of ``collect``)."""
     return [str(eval_dir(config, exp, seed, stage, role) / "metrics.json")
             for exp in selected_experiments(config) for seed in seeds(config, exp)
-            for stage, role in evaluations(config, exp)]
+            for stage, role in evaluations(config, exp)] + best_metrics_files(config)
+
+
+def best_metrics_files(config: dict) -> list[str]:
+    """``<stage>/metrics_best.json`` of every stage that keeps ``checkpoints/best.pt`` (``best_stages``)."""
+    return [str(stage_dir(config, exp, seed, stage) / "metrics_best.json")
+            for exp in selected_experiments(config) for seed in seeds(config, exp)
+            for stage in best_stages(config, exp)]
 
 
 def missing_report_files(config: dict) -> list[str]:
@@ -581,6 +632,7 @@ def final_targets(config: dict) -> list[str]:
     """What `snakemake` builds by default: every prepared dataset, every stage's metrics, and the inference
     products the stages consume, for every selected experiment and seed, and the results table."""
     targets = [str(results_dir(config) / "summary.csv")] if metrics_files(config) else []
+    targets += best_metrics_files(config)
     for exp in selected_experiments(config):
         for role in dataset_roles(config, exp):
             targets.append(str(prepared_dir(config, exp, role)))
@@ -598,7 +650,8 @@ def final_targets(config: dict) -> list[str]:
 RULE_KINDS = ("synth", "prepare", "train", "evaluate", "stage_product", "collect")
 # threads: CPU cores (OMP_NUM_THREADS, SLURM --cpus-per-task); mem_mb: memory in MB; runtime: wall-clock limit in
 # minutes (SLURM -t); gpu: GPUs (0: the step runs on the CPU; >1: training launched with torchrun, one process
-# per GPU).
+# per GPU; auto: 1 if a CUDA device is usable on the machine that runs Snakemake, else 0, resolved once per run by
+# cpsl.gpus.resolve_auto).
 RESOURCE_KEYS = ("threads", "mem_mb", "runtime", "gpu")
 # What a kind gets for a key that config.yaml does not set.
 DEFAULT_RESOURCES = {"threads": 2, "mem_mb": 4000, "runtime": 60, "gpu": 0}
@@ -615,6 +668,12 @@ def rule_resources(config: dict, kind: str, exp: str | None = None) -> dict[str,
     key = resource_key(config, kind, exp)
     if exp is not None:
         res.update((experiment_settings(config, exp).get("resources") or {}).get(kind) or {})
+    if res["gpu"] == "auto":
+        from cpsl.gpus import resolve_auto
+
+        res["gpu"] = resolve_auto()[0]
+    elif isinstance(res["gpu"], bool) or not isinstance(res["gpu"], int) or res["gpu"] < 0:
+        raise ConfigError(f"config: {key}.gpu: {res['gpu']!r}: expected a number of GPUs (0, 1, 2, ...) or auto")
     if kind != "train" and res["gpu"] > 1:
         raise ConfigError(f"config: {key}.gpu: {res['gpu']}: only training runs on several GPUs (use 0 or 1)")
     return res

@@ -20,11 +20,13 @@ Outputs in ``out`` (written by rank 0 only)::
                           rerun without retraining; a finished run with other settings or other inputs is
                           discarded on rerun
     checkpoint.pt         the final model (networks only, ``iteration`` = max_iters, config, seed)
+    checkpoints/best.pt   with eval_interval: the student with the best validation mIoU so far (cpsl.train.validate)
     metrics.jsonl         one JSON object per log line: iteration, loss/<name> (mean over the last
                           log_interval iterations), lr/<group> (the rate used by that iteration), time_iter,
                           time_data (seconds per iteration), samples_per_s; stages 1-3 also share/student/<k>,
                           share/teacher/<k>, share/marginal/<k> (predicted class shares on the target,
-                          ``cpsl.methods.shares``)
+                          ``cpsl.methods.shares``); with eval_interval also a line per validation (val/student,
+                          val/teacher, val_iou/<class>, val_best, val_best_iteration; cpsl.train.validate)
     train_summary.json    stage, iterations, final losses, mean time per iteration, device, world size, and
                           ``method.describe()`` (e.g. ``student_init``; also in the checkpoints' ``extra``)
 
@@ -63,6 +65,7 @@ from cpsl.models.checkpoint import (capture_rng_state, load_checkpoint, make_che
 from cpsl.provenance import atomic_write_text
 from cpsl.train import dist as D
 from cpsl.train.data import HOST_KEYS, _seed_int, build_datasets, build_loaders
+from cpsl.train.validate import Validator
 
 LAST = Path("checkpoints") / "last.pt"
 FINAL = "checkpoint.pt"
@@ -70,7 +73,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
 # Settings that may change between a killed run and its resumption without changing the result.
 RESUME_FREE_KEYS = ("data.workers", "log_interval", "checkpoint_interval", "device", "share_drift",
-                    "share_drift_logs", "channels_last")
+                    "share_drift_logs", "eval_batch_size", "eval_workers", "channels_last")
 # The files and folders a stage reads (TrainConfig keys); their fingerprints go into checkpoints/last.pt.
 INPUT_KEYS = ("data.source", "data.target", "init_checkpoint", "model.init", "selflabel.soft_labels",
               "selflabel.prototypes", "selflabel.class_dist", "distill.teacher", "distill.hard_labels",
@@ -309,14 +312,15 @@ def _on_main_rank(info: D.DistInfo, what: str, write: Any) -> None:
 
 
 def _resumable_state(method: Method, cfg: TrainConfig, iteration: int, amp: Amp,
-                     rng_states: list[dict[str, Any]], inputs: dict[str, str]) -> dict[str, Any]:
+                     rng_states: list[dict[str, Any]], inputs: dict[str, str],
+                     validator: Validator | None = None) -> dict[str, Any]:
     """The resumable checkpoint (``checkpoints/last.pt``) after ``iteration`` finished iterations."""
     parts = {k: v for k, v in method.state_dict(full=True).items() if k != "model"}
     return make_checkpoint(method.student, cfg.model, iteration=iteration, rng=rng_states[0],
                            config=to_dict(cfg), seed=cfg.seed,
                            extra={"stage": cfg.stage, **method.describe(), "grad_scaler": amp.state_dict(),
                                   "rng_per_rank": rng_states, "batch_size": cfg.data.batch_size,
-                                  "inputs": inputs},
+                                  "inputs": inputs, **(validator.state() if validator else {})},
                            **parts)
 
 
@@ -383,6 +387,7 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     else:  # dropout etc.: a stream per rank, independent of the one that initialised the networks
         D.seed_everything(_seed_int(cfg.seed, info.rank, 3))
     iters = {domain: iter(loader) for domain, loader in loaders.items()}
+    validator = Validator(cfg, info, out, state)   # eval_interval: validation and checkpoints/best.pt
 
     log = MetricsLog(out / METRICS, start) if info.is_main else None
     window = _Window()
@@ -429,11 +434,16 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
                     postfix["share"] = share_text
                 bar.set_postfix(postfix, refresh=False)
                 window.reset()
+            if validator.due(done):   # before the checkpoint: last.pt holds the best score up to ``done``
+                record = validator.run(method, done, lambda what, write: _on_main_rank(info, what, write))
+                if log is not None:
+                    log.write(record)
+                _say(info, validator.describe(record))
             if done % cfg.checkpoint_interval == 0 and done < cfg.max_iters:
                 _check_finite(method, done, last_path, last_saved)
                 rng_states = gather_rng_states()
                 _on_main_rank(info, f"writing {last_path}", lambda: save_checkpoint(
-                    last_path, _resumable_state(method, cfg, done, amp, rng_states, inputs)))
+                    last_path, _resumable_state(method, cfg, done, amp, rng_states, inputs, validator)))
                 last_saved = done
     finally:
         bar.close()
@@ -451,7 +461,7 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     if last_saved != cfg.max_iters:  # all ranks: gathering the RNG states is a collective
         rng_states = gather_rng_states()
         _on_main_rank(info, f"writing {last_path}", lambda: save_checkpoint(
-            last_path, _resumable_state(method, cfg, cfg.max_iters, amp, rng_states, inputs)))
+            last_path, _resumable_state(method, cfg, cfg.max_iters, amp, rng_states, inputs, validator)))
 
     def write_final() -> None:
         final = make_checkpoint(method.student, cfg.model, iteration=cfg.max_iters, config=to_dict(cfg),

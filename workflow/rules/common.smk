@@ -7,9 +7,12 @@ from pathlib import Path
 from cpsl import workflow as W
 from cpsl.errors import ConfigError
 
+# The repository's reference tables (the paper's numbers beside the presets' own, in `collect`).
+REFERENCE_DIR = Path(workflow.basedir) / "results" / "reference"
+
 try:
     W.check_schema(config, workflow.source_path("../schemas/config.schema.yaml"))
-    STEP_CONFIGS = W.step_config_files(config)
+    STEP_CONFIGS = W.step_config_files(config, REFERENCE_DIR)
     W.check_resources(config)
 except ConfigError as err:
     # One line naming the key, instead of a traceback through the Snakefile.
