@@ -553,10 +553,36 @@ def eval_dir(config: dict, exp: str, seed: int, stage: str, role: str) -> Path:
     return sdir if role == "target_val" else sdir / f"eval_{role}"
 
 
+# The config class of each step's resolved file, by the file name's first word (see step_config_files).
+STEP_CONFIG_CLASSES = {"synth": "SynthConfig", "prepare": "PrepareConfig", "train": "TrainConfig",
+                       "evaluate": "EvaluateConfig", "pseudo_soft": "PseudoSoftConfig",
+                       "prototypes": "PrototypesConfig", "class_dist": "ClassDistConfig",
+                       "pseudo_hard": "PseudoHardConfig", "fetch": "FetchWeightsConfig", "collect": "CollectConfig"}
+
+
+def _same_effective_settings(path: Path, resolved: dict) -> bool:
+    """Whether the config file at ``path`` already means ``resolved``: read through its typed class, a file
+    written by an older version of the package, which lacks a setting added since, gets that setting's default.
+    When every added setting is at its default the file is kept, so that updating the package does not rerun
+    (and retrain) every finished step; the step itself reads the same defaults."""
+    name = path.name.removesuffix(".yaml")
+    cls = next((getattr(C, cls) for prefix, cls in STEP_CONFIG_CLASSES.items()
+                if name == prefix or name.startswith(prefix + "_")), None)
+    if cls is None or not path.is_file():
+        return False
+    try:
+        return C.to_dict(C.load(cls, C.read_yaml(path))) == resolved
+    except (ConfigError, OSError, ValueError, TypeError):
+        return False  # a removed or renamed setting, an unreadable file: rewrite it
+
+
 def write_step_config(path: str | Path, resolved: dict) -> Path:
-    """Write a resolved step config (only when it changed, so unchanged steps are not rerun)."""
-    write_if_changed(path, dump_yaml(resolved))
-    return Path(path)
+    """Write a resolved step config only when its settings changed, so unchanged steps are not rerun (a file
+    that lacks only settings added since it was written, at their defaults, counts as unchanged)."""
+    path = Path(path)
+    if not _same_effective_settings(path, resolved):
+        write_if_changed(path, dump_yaml(resolved))
+    return path
 
 
 def step_config_files(config: dict, reference_dir: str | Path | None = None) -> dict[str, Path]:

@@ -57,7 +57,7 @@ import torch
 import torch.distributed as dist
 
 from cpsl import progress
-from cpsl.config import TrainConfig, to_dict
+from cpsl.config import TrainConfig, load, to_dict
 from cpsl.errors import CheckpointError, ConfigError, CpslError
 from cpsl.methods import Amp, Method, TrainContext, build_method
 from cpsl.models.checkpoint import (capture_rng_state, load_checkpoint, make_checkpoint, restore_rng_state,
@@ -117,9 +117,21 @@ def _first_difference(old: dict[str, Any], new: dict[str, Any], skip: tuple[str,
     return next((k for k in sorted(set(old) | set(new)) if k not in skip and old.get(k) != new.get(k)), None)
 
 
+def _saved_settings(state: dict[str, Any]) -> dict[str, Any]:
+    """The flat settings a checkpoint was written with. Read through ``TrainConfig``, so that a checkpoint from
+    an older version of the package, which lacks a setting added since, has that setting's default: a run killed
+    before an update resumes after it when the new settings are at their defaults. A config that no longer
+    loads (a setting removed or renamed since) is compared as written."""
+    saved = state.get("config") or {}
+    try:
+        saved = to_dict(load(TrainConfig, saved))
+    except (CpslError, ValueError, TypeError):
+        pass
+    return _flatten(saved)
+
+
 def _settings_differ(state: dict[str, Any], cfg: TrainConfig) -> bool:
-    old, new = _flatten(state.get("config") or {}), _flatten(to_dict(cfg))
-    return _first_difference(old, new, RESUME_FREE_KEYS) is not None
+    return _first_difference(_saved_settings(state), _flatten(to_dict(cfg)), RESUME_FREE_KEYS) is not None
 
 
 def fingerprint(path: str | Path) -> str:
@@ -159,7 +171,7 @@ def _changed_input(state: dict[str, Any], inputs: dict[str, str]) -> str | None:
 
 def check_resume_config(state: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     """Raise CheckpointError if ``path`` was written by a run with different settings."""
-    old, new = _flatten(state.get("config") or {}), _flatten(to_dict(cfg))
+    old, new = _saved_settings(state), _flatten(to_dict(cfg))
     key = _first_difference(old, new, RESUME_FREE_KEYS)
     if key is not None:
         raise CheckpointError(f"{path}: written by a run with different settings ({key}: {old.get(key)!r} there, "
