@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/data_path.py [--preset gta5_cityscapes] [--iters 4] [--data /tmp/cpsl_data_path]
                                              [--out /tmp/data_path.json]
+    .venv/bin/python benchmarks/data_path.py --save-samples /tmp/samples.npz    # in one checkout, then
+    .venv/bin/python benchmarks/data_path.py --compare /tmp/samples.npz         # in another: are they equal?
 
 Generates real-size images in the real layouts (GTA5 1914 x 1052 palettised labels, Cityscapes 2048 x 1024
 ``leftImg8bit``/``gtFine``, SYNTHIA 1280 x 760 16-bit labels; content from ``cpsl.data.synth.make_sample``:
@@ -22,13 +24,18 @@ The per-part breakdown comes from a second pass under ``cProfile`` (cumulative t
 each part; the profiler adds a few per cent): decode (image file to RGB), label (the label PNG, its resize and
 crop; in stages 2-3 the hard pseudo label and its confidence), LAB (the colour transfer), resize (RandomSized +
 crop + flip of the image), strong (the strong view), tensor (numpy to torch), extras (the soft label's
-resampling), other (the rest).
+resampling), other (the rest). A part's functions differ between versions (before #21 the label was resized
+inside ``apply_weak``, so "resize" held it, and the LAB transfer ran on the whole image in ``lab_transfer``).
+
+``--save-samples`` / ``--compare``: the first 4 samples of every stage and domain, written by one checkout and
+compared by another (the images to the level, every other entry for equality), on the same generated data.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib
 import json
 import os
 import platform
@@ -51,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 from cpsl import workflow  # noqa: E402
 from cpsl.config import DatasetConfig, PrepareConfig, TrainConfig, load  # noqa: E402
 from cpsl.data import pseudo  # noqa: E402
+from cpsl.data.prepared import PreparedSplit  # noqa: E402
 from cpsl.data.synth import _GTA5_PALETTE, make_sample  # noqa: E402
 from cpsl.methods.distill import HardLabelExtras  # noqa: E402
 from cpsl.methods.selflabel import SoftLabelExtras  # noqa: E402
@@ -152,8 +160,6 @@ def prepare_all(config: dict, preset: str, settings: dict) -> None:
 
 def stage_products(config: dict, preset: str, seed: int, n_class: int) -> None:
     """Soft labels (warm-up) and hard labels (stages 1 and 2) for every target image, at their real sizes."""
-    from cpsl.data.prepared import PreparedSplit
-
     split = PreparedSplit(workflow.prepared_dir(config, preset, "target_train"))
     rng = np.random.default_rng(0)
     for stage, kind in (("warmup", "pseudo_soft"), ("stage1", "pseudo_hard"), ("stage2", "pseudo_hard")):
@@ -240,6 +246,41 @@ def measure_stage(cfg: TrainConfig, doms: dict[str, dict], iters: int) -> dict:
     return out
 
 
+def stage_samples(cfg: TrainConfig, doms: dict[str, dict], n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` samples of each domain as flat arrays (images as uint8 levels, everything else as is),
+    keyed ``domain/position/entry``."""
+    out = {}
+    for domain, ds in build_datasets(cfg, doms, cfg.model.n_class).items():
+        sampler = InfiniteSampler(len(ds), cfg.data.batch_size, seed=cfg.seed, stream=STREAMS[domain])
+        for p in range(n):
+            for key, value in ds[sampler.item(p)].items():
+                entries = value.items() if isinstance(value, dict) else [("", value)]
+                for sub, v in entries:
+                    v = v.numpy() if torch.is_tensor(v) else np.asarray(v)
+                    if key in ("image", "image_strong"):
+                        v = np.rint(v * 255).astype(np.uint8)
+                    out[f"{domain}/{p}/{key}{'.' + sub if sub else ''}"] = v
+    return out
+
+
+def compare_samples(stored: dict, now: dict) -> dict[str, str]:
+    """Per domain and entry: 'equal', or for images the largest difference in levels and the share of values
+    that differ."""
+    if stored.keys() != now.keys():
+        raise SystemExit(f"different sample entries: {sorted(stored.keys() ^ now.keys())[:5]}")
+    result: dict[str, list] = {}
+    for key, v in now.items():
+        _stage, domain, _position, entry = key.split("/", 3)
+        r = result.setdefault(f"{domain} {entry}", [0, 0, 0, True])
+        if entry in ("image", "image_strong", "image_full"):
+            d = np.abs(v.astype(np.int16) - stored[key].astype(np.int16))
+            r[0], r[1], r[2] = max(r[0], int(d.max())), r[1] + int((d > 0).sum()), r[2] + d.size
+        else:
+            r[3] &= bool(np.array_equal(v, stored[key]))
+    return {k: (f"max {m} levels, {100 * nd / n:.3f} % of values differ" if n else ("equal" if eq else "DIFFERENT"))
+            for k, (m, nd, n, eq) in result.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="gta5_cityscapes", choices=["gta5_cityscapes", "synthia_cityscapes"])
@@ -248,9 +289,15 @@ def main() -> None:
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--data", type=Path, default=Path("/tmp/cpsl_data_path"))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--save-samples", type=Path, default=None,
+                    help="instead of timing: write the first 4 samples of every stage and domain (.npz)")
+    ap.add_argument("--compare", type=Path, default=None,
+                    help="instead of timing: compare the samples with a --save-samples file (another checkout's)")
     args = ap.parse_args()
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
+    # imported by the strong view's colour jitter on its first use (once per process, about 1.5 s): not per sample
+    importlib.import_module("torchvision.transforms.functional")
     t_start = time.time()
     generate(args.data, args.images)
     config, settings = experiment(args.preset, args.data)
@@ -261,9 +308,22 @@ def main() -> None:
     result = {"preset": args.preset, "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
               "load_before": os.getloadavg(), "torch": torch.__version__, "opencv": cv2.__version__,
               "stages": {}}
+    if args.save_samples or args.compare:
+        samples = {}
+        for stage in args.stages.split(","):
+            cfg = load(TrainConfig, workflow.train_config(config, args.preset, seed, stage))
+            names = PreparedSplit(cfg.data.target).names if cfg.data.target else []
+            samples.update({f"{stage}/{k}": v for k, v in stage_samples(cfg, domains(cfg, stage, names), 4).items()})
+        if args.save_samples:
+            np.savez(args.save_samples, **samples)
+        else:
+            with np.load(args.compare) as z:
+                stored = {k: z[k] for k in z.files}
+            for kind, verdict in compare_samples(stored, samples).items():
+                print(f"{kind}: {verdict}")
+        return
     for stage in args.stages.split(","):
         cfg = load(TrainConfig, workflow.train_config(config, args.preset, seed, stage))
-        from cpsl.data.prepared import PreparedSplit
         names = PreparedSplit(cfg.data.target).names if cfg.data.target else []
         r = measure_stage(cfg, domains(cfg, stage, names), args.iters)
         result["stages"][stage] = r
