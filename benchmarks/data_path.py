@@ -77,7 +77,7 @@ SYNTHIA_IDS = {7: 3, 8: 4, 11: 2, 12: 12, 13: 11, 17: 15, 19: 9, 20: 8, 21: 6, 2
 # function is (file name ending, name); "*" matches any file; caller None: from anywhere.
 _HARD = ("distill.py", "__call__")  # HardLabelExtras
 _SOFT = ("selflabel.py", "__call__")  # SoftLabelExtras
-_LAB_MAP = ("transforms.py", "__call__")  # LabTransfer
+_LAB_MAP = ("lab.py", "__call__")  # LabTransfer
 _WEAK_LABEL = ("*", "weak_label")  # in transforms.py since #21, distill.py before
 _HARD_LABEL = [(("pseudo.py", f), _HARD) for f in ("load_hard", "load_hard_conf", "threshold_hard")] + \
     [(_WEAK_LABEL, _HARD)]
@@ -86,7 +86,7 @@ PARTS: dict[str, tuple[list, list]] = {
     "label": ([(("common.py", "read_train_id_png"), None), (_WEAK_LABEL, ("transforms.py", "apply_weak"))]
               + _HARD_LABEL, []),
     "lab": ([(("transforms.py", "lab_transfer"), None), (_LAB_MAP, ("transforms.py", "weak_image")),
-             (_LAB_MAP, ("data.py", "__getitem__")), (("transforms.py", "lab_mean_std"), ("data.py", "__getitem__"))],
+             (_LAB_MAP, ("data.py", "__getitem__")), (("lab.py", "lab_mean_std"), ("data.py", "__getitem__"))],
             []),
     "resize": ([(("transforms.py", "apply_weak"), None)],
                [(_WEAK_LABEL, ("transforms.py", "apply_weak")), (_LAB_MAP, ("transforms.py", "weak_image"))]),

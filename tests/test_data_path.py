@@ -21,8 +21,8 @@ from cpsl.config import DatasetConfig, PrepareConfig
 from cpsl.data import pseudo
 from cpsl.data.common import read_index_png, read_train_id_png
 from cpsl.data.prepared import PreparedSplit
-from cpsl.data.transforms import (LabTransfer, WeakConfig, WeakParams, lab_mean_std, lab_transfer,
-                                  sample_weak_params, weak_image, weak_label, weak_window)
+from cpsl.data.lab import LabTransfer, lab_mean_std, lab_transfer
+from cpsl.data.transforms import WeakConfig, WeakParams, sample_weak_params, weak_image, weak_label, weak_window
 from cpsl.labels import IGNORE_INDEX
 from cpsl.methods.distill import HardLabelExtras
 from cpsl.steps import prepare

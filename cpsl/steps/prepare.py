@@ -40,7 +40,7 @@ from cpsl import labels, progress
 from cpsl.config import PrepareConfig
 from cpsl.data import get_format
 from cpsl.data.common import Problem, Sample, decode_image, images_only, write_label_png
-from cpsl.data.transforms import lab_mean_std  # the one Lab statistics function (training reads these)
+from cpsl.data.lab import lab_mean_std  # the one Lab statistics function (training reads these)
 from cpsl.errors import DataError
 from cpsl.outputs import publish_dir, remove_path, remove_stale_staging, staging_dir
 

@@ -39,8 +39,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cpsl.data.prepared import PreparedSplit
-from cpsl.data.transforms import (LabTransfer, StrongConfig, WeakConfig, WeakParams, lab_mean_std, random_colors,
-                                  strong_augment, weak_augment)
+from cpsl.data.lab import LabTransfer, lab_mean_std
+from cpsl.data.transforms import StrongConfig, WeakConfig, WeakParams, random_colors, strong_augment, weak_augment
 from cpsl.errors import ConfigError, DataError
 from cpsl.inference import image_to_tensor, image_to_uint8_tensor  # the one normalisation: RGB / 255
 from cpsl.train.dist import opencv_threads_for_workers, worker_init_fn
