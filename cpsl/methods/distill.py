@@ -12,9 +12,9 @@ weak crop with ``distill.strong_view: false``)::
 ``up`` is the bilinear ``align_corners=True`` upsampling of the logits (``losses.upsample``), as in every stage.
 
 Hard pseudo labels (``cpsl pseudo-hard`` folder of the previous stage's model, flip-averaged, spec 3.2) are read
-per sample by ``HardLabelExtras`` in the data workers with the confidence threshold applied when loading
-(``pseudo.load_hard``: ``conf <= threshold`` -> 255), and carried into the weak crop exactly like the image's
-label (``weak_label``: the same nearest resize, crop with 255 padding and flip as ``transforms.apply_weak``).
+per sample by ``HardLabelExtras`` in the data workers, carried into the weak crop exactly like the image's
+label (``transforms.weak_label``: the same nearest resize, crop with 255 padding and flip as ``apply_weak``), with
+the confidence threshold applied there (``pseudo.threshold_hard``: ``conf <= threshold`` -> 255).
 They reach the batch as ``pseudo_label`` (uint8, crop size). In ``step`` they are reduced to
 1/``label_stride`` of the crop by taking the pixel under each cell's centre (``downsample_labels``; the
 reference takes each cell's top-left pixel with ``F.interpolate(nearest)``), then warped into the strong view
@@ -67,14 +67,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from cpsl.config import TrainConfig
 from cpsl.data import pseudo
 from cpsl.data.prepared import PreparedSplit
 from cpsl.data.transforms import (WeakParams, full_to_weak_batch, strong_params_from_batch, warp_maps_batch,
-                                  weak_params_from_batch)
+                                  weak_label, weak_params_from_batch)
 from cpsl.errors import ConfigError, DataError
 from cpsl.inference import load_model_from_checkpoint
 from cpsl.labels import IGNORE_INDEX
@@ -88,25 +87,6 @@ KD_MODES = ("kl", "reference")
 
 # ---------------------------------------------------------------------------------------------------------
 # Hard pseudo labels in the data pipeline
-
-
-def weak_label(label: np.ndarray, params: WeakParams) -> np.ndarray:
-    """A label map of the full image carried into the weak crop exactly as ``transforms.apply_weak`` carries the
-    image's label: PIL nearest resize to ``scaled_hw``, crop (255 where the box passes the scaled image), flip.
-
-    Without touching an image (``apply_weak`` needs one). uint8 (H, W) in, uint8 (crop h, crop w) out.
-    """
-    label = np.asarray(label)
-    if label.shape[:2] != tuple(params.orig_hw):
-        raise ValueError(f"label is {label.shape[0]}x{label.shape[1]}, the image is "
-                         f"{params.orig_hw[0]}x{params.orig_hw[1]}")
-    hs, ws = params.scaled_hw
-    y1, x1, ch, cw = params.crop
-    scaled = np.asarray(Image.fromarray(label.astype(np.uint8)).resize((ws, hs), Image.Resampling.NEAREST))
-    out = np.full((ch, cw), IGNORE_INDEX, np.uint8)
-    sub = scaled[y1:y1 + ch, x1:x1 + cw]
-    out[:sub.shape[0], :sub.shape[1]] = sub
-    return out[:, ::-1].copy() if params.flip else out
 
 
 def check_hard_labels(root: str | Path, split: PreparedSplit, n_class: int, key: str = "distill.hard_labels"
@@ -151,12 +131,18 @@ class HardLabelExtras:
 
     def __call__(self, index: int, params: WeakParams, rng: np.random.Generator) -> dict[str, Any]:
         name = self.names[index]
-        label = pseudo.load_hard(self.root, name, self.threshold)
+        label = pseudo.load_hard(self.root, name)
         if label.shape != tuple(params.orig_hw):
             raise DataError(f"{pseudo.hard_paths(self.root, name)['label']}: hard pseudo label is "
                             f"{label.shape[0]}x{label.shape[1]}, the image is {params.orig_hw[0]}x"
                             f"{params.orig_hw[1]} (made from another split or at another size?)")
-        return {"pseudo_label": torch.from_numpy(weak_label(label, params))}
+        conf = pseudo.load_hard_conf(self.root, name)
+        if conf.shape != label.shape:
+            raise DataError(f"{pseudo.hard_paths(self.root, name)['conf']}: shape {conf.shape} differs from the "
+                            f"label's {label.shape}")
+        # crop both maps first, then threshold: the same pixels as thresholding the whole map (load_hard)
+        crop = pseudo.threshold_hard(weak_label(label, params), weak_label(conf, params), self.threshold)
+        return {"pseudo_label": torch.from_numpy(crop)}
 
 
 # ---------------------------------------------------------------------------------------------------------
