@@ -674,19 +674,25 @@ def final_targets(config: dict) -> list[str]:
 # experiment under experiment_settings.<exp>.resources). evaluate_split counts as `evaluate`; the four inference
 # products (pseudo_soft, prototypes, class_dist, pseudo_hard) as `stage_product`.
 RULE_KINDS = ("synth", "prepare", "train", "evaluate", "stage_product", "collect")
-# threads: CPU cores (OMP_NUM_THREADS, SLURM --cpus-per-task); mem_mb: memory in MB; runtime: wall-clock limit in
-# minutes (SLURM -t); gpu: GPUs (0: the step runs on the CPU; >1: training launched with torchrun, one process
-# per GPU; auto: 1 if a CUDA device is usable on the machine that runs Snakemake, else 0, resolved once per run by
-# cpsl.gpus.resolve_auto).
-RESOURCE_KEYS = ("threads", "mem_mb", "runtime", "gpu")
+# threads: CPU cores (OMP_NUM_THREADS, SLURM --cpus-per-task; per node); mem_mb: memory in MB (per node); runtime:
+# wall-clock limit in minutes (SLURM -t); gpu: GPUs per node (0: the step runs on the CPU; >1: one process per GPU,
+# launched with torchrun; auto: 1 if a CUDA device is usable on the machine that runs Snakemake, else 0, resolved once
+# per run by cpsl.gpus.resolve_auto); nodes: machines (>1: SLURM only, one torchrun per node started by srun, the
+# processes meeting through torchrun's c10d rendezvous on the job's first node).
+RESOURCE_KEYS = ("threads", "mem_mb", "runtime", "gpu", "nodes")
 # What a kind gets for a key that config.yaml does not set.
-DEFAULT_RESOURCES = {"threads": 2, "mem_mb": 4000, "runtime": 60, "gpu": 0}
+DEFAULT_RESOURCES = {"threads": 2, "mem_mb": 4000, "runtime": 60, "gpu": 0, "nodes": 1}
+# The rule kinds whose step runs a network and shards its work over processes (torchrun): several GPUs, several nodes.
+DISTRIBUTED_KINDS = ("train", "evaluate", "stage_product")
+# The rendezvous port of a multi-node job: derived from its SLURM job id, so that two jobs that share a first node
+# do not pick the same port (RDZV_PORT_BASE + job id % RDZV_PORT_SPAN, below the usual ephemeral range).
+RDZV_PORT_BASE, RDZV_PORT_SPAN = 20000, 12000
 
 
 def rule_resources(config: dict, kind: str, exp: str | None = None) -> dict[str, int]:
-    """threads, mem_mb, runtime (minutes) and gpu of one rule kind: the built-in defaults, then
-    ``resources.<kind>``, then ``experiment_settings.<exp>.resources.<kind>``. Only training may use more than
-    one GPU."""
+    """threads, mem_mb, runtime (minutes), gpu (per node) and nodes of one rule kind: the built-in defaults, then
+    ``resources.<kind>``, then ``experiment_settings.<exp>.resources.<kind>``. Only the steps that run a network
+    (``DISTRIBUTED_KINDS``) may use more than one GPU or node; several nodes need ``gpu`` >= 1."""
     if kind not in RULE_KINDS:
         raise ValueError(f"unknown rule kind {kind!r} (known: {', '.join(RULE_KINDS)})")
     res = dict(DEFAULT_RESOURCES)
@@ -700,19 +706,55 @@ def rule_resources(config: dict, kind: str, exp: str | None = None) -> dict[str,
         res["gpu"] = resolve_auto()[0]
     elif isinstance(res["gpu"], bool) or not isinstance(res["gpu"], int) or res["gpu"] < 0:
         raise ConfigError(f"config: {key}.gpu: {res['gpu']!r}: expected a number of GPUs (0, 1, 2, ...) or auto")
-    if kind != "train" and res["gpu"] > 1:
-        raise ConfigError(f"config: {key}.gpu: {res['gpu']}: only training runs on several GPUs (use 0 or 1)")
+    if isinstance(res["nodes"], bool) or not isinstance(res["nodes"], int) or res["nodes"] < 1:
+        raise ConfigError(f"config: {key}.nodes: {res['nodes']!r}: expected a number of nodes (1, 2, ...)")
+    if kind not in DISTRIBUTED_KINDS and res["gpu"] > 1:
+        raise ConfigError(f"config: {key}.gpu: {res['gpu']}: only training and the inference steps (evaluate, "
+                          "stage_product) run on several GPUs (use 0 or 1)")
+    if res["nodes"] > 1:
+        if kind not in DISTRIBUTED_KINDS:
+            raise ConfigError(f"config: {key}.nodes: {res['nodes']}: only training and the inference steps "
+                              "(evaluate, stage_product) run on several nodes (use 1)")
+        if res["gpu"] < 1:
+            raise ConfigError(f"config: {key}.nodes: {res['nodes']}: a job on several nodes runs on their GPUs; set "
+                              f"{key}.gpu to the GPUs per node (1, 2, ...; not 0 or auto resolved to 0)")
     return res
+
+
+def world_size(res: dict[str, int]) -> int:
+    """The processes of a job with resources ``res``: one per GPU on every node, one on the CPU."""
+    return res["nodes"] * max(1, res["gpu"])
 
 
 def check_resources(config: dict) -> dict[str, dict[str, int]]:
     """Resolve the resources of every rule kind of every selected experiment (``"<exp>/<kind>"``, and
-    ``"collect"``), so that a bad setting stops the workflow when it is parsed, naming the key."""
+    ``"collect"``), so that a bad setting stops the workflow when it is parsed, naming the key. A training batch
+    that cannot be split over the job's processes (``data.batch_size`` is the batch of all of them together) is
+    refused here too, naming both settings."""
     out = {"collect": rule_resources(config, "collect")}
     for exp in selected_experiments(config):
         for kind in RULE_KINDS[:-1]:
             out[f"{exp}/{kind}"] = rule_resources(config, kind, exp)
+        check_batch_split(config, exp, out[f"{exp}/train"])
     return out
+
+
+def check_batch_split(config: dict, exp: str, res: dict[str, int]) -> None:
+    """Every stage's ``data.batch_size`` divisible by the processes of its training job (nodes x gpu)."""
+    world = world_size(res)
+    if world == 1:
+        return
+    key = resource_key(config, "train", exp)
+    for stage in stages(config, exp):
+        batch = train_config(config, exp, seeds(config, exp)[0], stage)["data"]["batch_size"]
+        if batch % world:
+            where = ("stages." + stage) if ((listed_stages(config, exp).get(stage) or {}).get("data") or {}).get(
+                "batch_size") is not None else "train"
+            raise ConfigError(
+                f"config: experiment_settings.{exp}.{where}.data.batch_size: {batch} (stage {stage}) cannot be split "
+                f"over the {world} processes of {key} (nodes {res['nodes']} x gpu {max(1, res['gpu'])}): it is the "
+                f"batch of all processes together and must be a multiple of {world} (keep the global batch with "
+                "accumulate: k, README \"Several nodes\")")
 
 
 def resource_key(config: dict, kind: str, exp: str | None = None) -> str:
@@ -723,30 +765,67 @@ def resource_key(config: dict, kind: str, exp: str | None = None) -> str:
     return f"resources.{kind}"
 
 
-def step_command(python: str, step: str, threads: int, gpu: int, setting: str = "resources.gpu") -> str:
+def slurm_resources(res: dict[str, int]) -> dict[str, Any]:
+    """The Snakemake resources of a job for the SLURM executor plugin, besides threads (``--cpus-per-task``),
+    mem_mb and runtime. One node: ``gpu`` (``--gpus=N``). Several nodes: ``nodes`` (``--nodes``), ``tasks`` =
+    nodes (``--ntasks``: one task per node), ``gres`` = ``gpu:G`` (GPUs per node: ``--gpus=N`` would count the
+    whole job's), ``tasks_per_gpu`` 0 (for a GPU job the plugin would otherwise read ``tasks`` as
+    ``--ntasks-per-gpu``) and ``mpi`` (the plugin then runs the rule's shell in the batch script, on the first node,
+    without wrapping it in a one-task ``srun``: the command starts its own ``srun`` over every node). A key that
+    does not apply is None, which Snakemake leaves out."""
+    if res["nodes"] <= 1:
+        return {"gpu": res["gpu"], "nodes": None, "tasks": None, "tasks_per_gpu": None, "gres": None, "mpi": None}
+    return {"gpu": None, "nodes": res["nodes"], "tasks": res["nodes"], "tasks_per_gpu": 0,
+            "gres": f"gpu:{res['gpu']}", "mpi": "srun"}
+
+
+def step_command(python: str, step: str, threads: int, gpu: int, setting: str = "resources.gpu",
+                 nodes: int = 1) -> str:
     """The shell command, without ``--config``/``--out``, that runs ``cpsl <step>`` with ``threads`` CPU threads
-    on ``gpu`` GPUs; ``setting`` is the config key of ``gpu`` (``resources.train.gpu``), for the error message.
+    on ``gpu`` GPUs (per node) of ``nodes`` nodes; ``setting`` is the config key of ``gpu``
+    (``resources.train.gpu``), for the error messages.
 
     gpu 0 hides every GPU (``CUDA_VISIBLE_DEVICES=``), so the step runs on the CPU. gpu >= 1 means CUDA: it
     first checks that CUDA works with that many GPUs (``python -m cpsl.gpus N SETTING``: one line naming the
     setting, ``torch.version.cuda``, the driver it needs and how to install a matching torch otherwise) and runs
     the step with ``CPSL_DEVICE=cuda`` (``device: auto`` becomes ``cuda``, see ``cpsl.train.dist.pick_device``);
-    gpu 1 runs one process (on the first visible GPU); gpu > 1 (training only) starts one process per GPU with
-    torchrun (``python -m torch.distributed.run --standalone``), each with threads / gpu OpenMP threads. With
-    gpu >= 1 the command is ``<check> && <step>``: a rule's shell must group it to send both to its log.
+    gpu 1 runs one process (on the first visible GPU); gpu > 1 starts one process per GPU with torchrun
+    (``python -m torch.distributed.run --standalone``), each with threads / gpu OpenMP threads. With gpu >= 1 the
+    command is ``<check> && <step>``: a rule's shell must group it to send both to its log.
+
+    nodes > 1 (inside a SLURM job of ``nodes`` nodes, one task each: ``slurm_resources``): ``srun`` starts, on
+    every node (a step with the job's ``threads`` cores and ``gpu`` GPUs per node, named explicitly: the executor
+    plugin hands the job's shell an environment without SLURM's per-job defaults), the CUDA check and
+    ``torchrun --nnodes N --nproc_per_node G`` with c10d rendezvous at the job's first node (``scontrol show
+    hostnames``) on a port derived from the job id; the rule's ``--config``/``--out``
+    reach the step through ``"$@"``. Outside SLURM (no ``SLURM_JOB_ID``) it stops with one line naming the
+    ``nodes`` setting.
     """
     import shlex
 
     py = shlex.quote(python)
     if gpu <= 0:
+        if nodes > 1:
+            raise ValueError(f"cpsl {step} on {nodes} nodes needs gpu >= 1 (got gpu={gpu})")
         return f"OMP_NUM_THREADS={threads} CUDA_VISIBLE_DEVICES= {py} -m cpsl {step}"
     check = f"{py} -m cpsl.gpus {gpu} {shlex.quote(setting)} && "
-    if gpu == 1:
+    if gpu == 1 and nodes == 1:
         return f"{check}OMP_NUM_THREADS={threads} CPSL_DEVICE=cuda {py} -m cpsl {step}"
-    if step != "train":
-        raise ValueError(f"cpsl {step} runs on one GPU at most (got gpu={gpu})")
-    return (f"{check}OMP_NUM_THREADS={max(1, threads // gpu)} CPSL_DEVICE=cuda {py} -m torch.distributed.run "
-            f"--standalone --nproc_per_node {gpu} -m cpsl {step}")
+    env = f"OMP_NUM_THREADS={max(1, threads // gpu)} CPSL_DEVICE=cuda"
+    if nodes == 1:
+        return f"{check}{env} {py} -m torch.distributed.run --standalone --nproc_per_node {gpu} -m cpsl {step}"
+    nodes_key = setting.rpartition(".")[0] + ".nodes" if "." in setting else "resources.nodes"
+    first = '$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n 1)'
+    port = f"$(( {RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN} ))"
+    per_node = (f"{check}{env} {py} -m torch.distributed.run --nnodes {nodes} --nproc_per_node {gpu} "
+                f'--rdzv_backend c10d --rdzv_id "$SLURM_JOB_ID" --rdzv_endpoint "{first}:{port}" '
+                f'-m cpsl {step} "$@"')
+    why = (f"cpsl-pipeline: error: {nodes_key} is {nodes}: a job on several nodes runs only under SLURM "
+           "(snakemake --workflow-profile slurm); set it to 1 to run here")
+    return (f'if [ -z "${{SLURM_JOB_ID:-}}" ]; then echo {shlex.quote(why)} >&2; exit 2; fi; '
+            f"srun --nodes {nodes} --ntasks {nodes} --ntasks-per-node 1 --cpus-per-task={threads} --gres=gpu:{gpu} "
+            "--kill-on-bad-exit=1 "
+            f"bash -c {shlex.quote(per_node)} cpsl-{step}")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

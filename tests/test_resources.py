@@ -53,8 +53,10 @@ def test_experiment_settings_override_the_top_level_per_key(shipped):
     shipped["resources"]["train"] = {"threads": 4, "mem_mb": 9000, "runtime": 100, "gpu": 0}
     shipped["experiment_settings"]["demo"]["resources"] = {"train": {"gpu": 2, "runtime": 300}}
     W.check_schema(shipped, SCHEMA)
-    assert W.rule_resources(shipped, "train", "demo") == {"threads": 4, "mem_mb": 9000, "runtime": 300, "gpu": 2}
-    assert W.rule_resources(shipped, "train") == {"threads": 4, "mem_mb": 9000, "runtime": 100, "gpu": 0}
+    assert W.rule_resources(shipped, "train", "demo") == {"threads": 4, "mem_mb": 9000, "runtime": 300, "gpu": 2,
+                                                          "nodes": 1}
+    assert W.rule_resources(shipped, "train") == {"threads": 4, "mem_mb": 9000, "runtime": 100, "gpu": 0,
+                                                  "nodes": 1}
 
 
 def test_built_in_defaults_without_a_resources_section(shipped):
@@ -150,15 +152,19 @@ def test_gpu_auto_decides_the_job_commands(tmp_path, answer):
             assert "CUDA_VISIBLE_DEVICES= " in line and "cpsl.gpus" not in line, line
 
 
-def test_only_training_may_use_several_gpus(shipped):
-    shipped["experiment_settings"]["demo"]["resources"] = {"evaluate": {"gpu": 2}}
-    with pytest.raises(ConfigError, match=r"^config: experiment_settings\.demo\.resources\.evaluate\.gpu: 2: only "
-                                          r"training runs on several GPUs"):
+def test_only_the_network_steps_may_use_several_gpus(shipped):
+    shipped["experiment_settings"]["demo"]["resources"] = {"prepare": {"gpu": 2}}
+    with pytest.raises(ConfigError, match=r"^config: experiment_settings\.demo\.resources\.prepare\.gpu: 2: only "
+                                          r"training and the inference steps \(evaluate, stage_product\) run on "
+                                          r"several GPUs"):
         W.check_resources(shipped)
     shipped["experiment_settings"]["demo"]["resources"] = {}
-    shipped["resources"]["stage_product"]["gpu"] = 4
-    with pytest.raises(ConfigError, match=r"^config: resources\.stage_product\.gpu: 4"):
+    shipped["resources"]["collect"]["gpu"] = 4
+    with pytest.raises(ConfigError, match=r"^config: resources\.collect\.gpu: 4"):
         W.check_resources(shipped)
+    shipped["resources"]["collect"]["gpu"] = 0
+    shipped["resources"]["evaluate"]["gpu"] = shipped["resources"]["stage_product"]["gpu"] = 4  # sharded: allowed
+    assert W.check_resources(shipped)["demo/stage_product"]["gpu"] == 4
 
 
 # --- the launch command ------------------------------------------------------------------------------------------
@@ -176,8 +182,9 @@ def test_step_command_cpu_one_gpu_and_torchrun():
     # at least one thread per process; a Python path with a space stays one word
     assert "OMP_NUM_THREADS=1 CPSL_DEVICE=cuda '/my venv/python' -m torch.distributed.run" in W.step_command(
         "/my venv/python", "train", 1, 2)
-    with pytest.raises(ValueError, match="one GPU at most"):
-        W.step_command("/v/bin/python", "pseudo-hard", 2, 2)
+    # the inference steps shard their images over the processes in the same way
+    assert W.step_command("/v/bin/python", "pseudo-hard", 2, 2).endswith(
+        "-m torch.distributed.run --standalone --nproc_per_node 2 -m cpsl pseudo-hard")
 
 
 def test_resource_key_names_the_setting_in_effect(shipped):

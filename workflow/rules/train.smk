@@ -164,9 +164,7 @@ rule stage_product:
     resources:
         **resources_of("stage_product"),
     params:
-        cmd=lambda wc, threads, resources: W.step_command(
-            sys.executable, wc.product.replace("_", "-"), threads, resources.gpu,
-            W.resource_key(config, "stage_product", wc.exp) + ".gpu",
-        ),
+        cmd=lambda wc, threads, resources: command_of(wc.product.replace("_", "-"), "stage_product")(
+            wc, threads, resources),
     shell:
         "{{ {params.cmd} --config {input.config:q} --out {output:q}; }} > {log:q} 2>&1"
