@@ -116,10 +116,14 @@ echo "node=$SLURM_NODEID OMP_NUM_THREADS=${OMP_NUM_THREADS:-} CPSL_DEVICE=${CPSL
 """
 
 
+# a path with a space, a quote and a dollar sign: quoted through the job's shell and the per-node bash -c
+FAKE_PYTHON_NAME = "fake py'th$on"
+
+
 def _fake_bin(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("fake python", FAKE_PYTHON)):
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), (FAKE_PYTHON_NAME, FAKE_PYTHON)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     return bin_dir
@@ -127,7 +131,7 @@ def _fake_bin(tmp_path: Path) -> Path:
 
 def test_multi_node_command_runs_torchrun_on_every_node_with_c10d_rendezvous(tmp_path):
     bin_dir = _fake_bin(tmp_path)
-    python = str(bin_dir / "fake python")  # a path with a space: quoted through two shells
+    python = str(bin_dir / FAKE_PYTHON_NAME)
     cmd = W.step_command(python, "train", 16, 4, "experiment_settings.x.resources.train.gpu", nodes=2)
     log = tmp_path / "calls.log"
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "SLURM_JOB_ID": "4242"}
@@ -234,7 +238,7 @@ def test_multi_node_command_inside_a_real_slurm_job(tmp_path):
         pytest.skip(f"SLURM not usable here: {why}")
     bin_dir = _fake_bin(tmp_path)
     (bin_dir / "srun").unlink(), (bin_dir / "scontrol").unlink()  # the real ones
-    cmd = W.step_command(str(bin_dir / "fake python"), "train", 1, 1, "resources.train.gpu", nodes=2)
+    cmd = W.step_command(str(bin_dir / FAKE_PYTHON_NAME), "train", 1, 1, "resources.train.gpu", nodes=2)
     assert "--nodes 2 --ntasks 2 " in cmd and " --gres=gpu:1 " in cmd
     cmd = cmd.replace("--nodes 2 --ntasks 2 ", "--nodes 1 --ntasks 1 ").replace(" --gres=gpu:1 ", " ")
     log = tmp_path / "calls.log"
