@@ -405,7 +405,20 @@ class EvaluateConfig(InferenceSettings):
 @dataclass(kw_only=True)
 class PseudoSoftConfig(InferenceSettings):
     """Settings of ``cpsl pseudo-soft``: quantised class probabilities at the model's output resolution
-    (reference ``generate_pseudo_label.py --soft``: no flip, full-size input). Format: cpsl.data.pseudo."""
+    (reference ``generate_pseudo_label.py --soft``: no flip, full-size input). Format: cpsl.data.pseudo.
+
+    ``grid_stride: 8`` stores them on DeepLab-v2's stride-8 grid (129 x 257 for 1024 x 2048) whatever the model's
+    stride: a stride-4 MiT's probabilities are resized to it bilinearly (corner samples on the corner pixels,
+    ``align_corners=True``, the convention stage 1 reads them with), so files and stage-1 reading cost what they
+    cost for DeepLab-v2 instead of about 4x. Unset: the model's own grid.
+    """
+
+    grid_stride: int | None = None
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        _check(self.grid_stride in (None, 8), _join(prefix, "grid_stride"),
+               f"must be unset (the model's grid) or 8 (got {self.grid_stride})")
 
 
 @dataclass(kw_only=True)

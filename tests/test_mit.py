@@ -3,9 +3,12 @@ CPSL chain on a tiny MiT on the CPU."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cpsl.config import (ClassDistConfig, ModelConfig, PrototypesConfig, PseudoHardConfig, PseudoSoftConfig,
                          TrainConfig, load)
@@ -197,6 +200,7 @@ def mit_products(pair_dir, tmp_path_factory):  # noqa: F811
     ckpt = _tiny_mit_checkpoint(base / "checkpoint.pt")
     common = {"checkpoint": ckpt, "data": tgt, "device": "cpu", "workers": 0, "progress": False}
     pseudo_soft.run(PseudoSoftConfig(**common), base / "soft")
+    pseudo_soft.run(PseudoSoftConfig(**common, grid_stride=8), base / "soft8")
     prototypes.run(PrototypesConfig(**common), base / "protos")
     class_dist.run(ClassDistConfig(**common), base / "dist")
     pseudo_hard.run(PseudoHardConfig(**common, color=False), base / "hard")
@@ -210,6 +214,14 @@ def test_soft_labels_are_stored_at_stride_4(mit_products):
     h, w = split.load(0)[0].shape[:2]
     q = load_soft(soft_path(base / "soft", split.names[0]))
     assert q.shape == (N_CLASS, -(-h // 4), -(-w // 4))       # 40x80 images: 10x20 (DeepLab-v2: 6x11)
+    # grid_stride 8: DeepLab-v2's grid, the stride-4 probabilities resized with corners on corners
+    p8 = load_soft(soft_path(base / "soft8", split.names[0]))
+    assert p8.shape == (N_CLASS, 6, 11)
+    expect = F.interpolate(torch.from_numpy(q)[None], size=(6, 11), mode="bilinear", align_corners=True)[0]
+    assert np.abs(p8 - expect.numpy()).max() <= 2 / 255            # two quantisations apart at most
+    assert np.abs(p8[:, [0, -1]][:, :, [0, -1]] - q[:, [0, -1]][:, :, [0, -1]]).max() <= 2 / 255
+    meta = json.loads((base / "soft8" / "meta.json").read_text())
+    assert meta["shapes"] == {"6x11": len(split)} and "stride-8" in meta["layout"]
     assert torch.load(base / "protos" / "prototypes.pt")["prototypes"].shape == (N_CLASS, 16)
 
 
