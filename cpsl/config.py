@@ -407,13 +407,14 @@ class PseudoSoftConfig(InferenceSettings):
     """Settings of ``cpsl pseudo-soft``: quantised class probabilities at the model's output resolution
     (reference ``generate_pseudo_label.py --soft``: no flip, full-size input). Format: cpsl.data.pseudo.
 
-    ``grid_stride: 8`` stores them on DeepLab-v2's stride-8 grid (129 x 257 for 1024 x 2048) whatever the model's
-    stride: a stride-4 MiT's probabilities are resized to it bilinearly (corner samples on the corner pixels,
-    ``align_corners=True``, the convention stage 1 reads them with), so files and stage-1 reading cost what they
-    cost for DeepLab-v2 instead of about 4x. Unset: the model's own grid.
+    ``grid_stride: 8`` (default) stores them on DeepLab-v2's stride-8 grid (129 x 257 for 1024 x 2048) when the
+    model's grid is finer: a stride-4 MiT's probabilities are resized to it bilinearly (corner samples on the
+    corner pixels, ``align_corners=True``, the convention stage 1 reads them with), so files and the stage-1
+    sample build cost what they cost for DeepLab-v2 instead of 3.2x / 2.3x (benchmarks/mit_stride.py). A
+    stride-8 model's output is stored as it is. ``null``: the model's own grid.
     """
 
-    grid_stride: int | None = None
+    grid_stride: int | None = 8
 
     def validate(self, prefix: str = "") -> None:
         super().validate(prefix)

@@ -199,8 +199,8 @@ def mit_products(pair_dir, tmp_path_factory):  # noqa: F811
     _, tgt = prepared_pair(pair_dir)
     ckpt = _tiny_mit_checkpoint(base / "checkpoint.pt")
     common = {"checkpoint": ckpt, "data": tgt, "device": "cpu", "workers": 0, "progress": False}
-    pseudo_soft.run(PseudoSoftConfig(**common), base / "soft")
-    pseudo_soft.run(PseudoSoftConfig(**common, grid_stride=8), base / "soft8")
+    pseudo_soft.run(PseudoSoftConfig(**common, grid_stride=None), base / "soft")
+    pseudo_soft.run(PseudoSoftConfig(**common), base / "soft8")
     prototypes.run(PrototypesConfig(**common), base / "protos")
     class_dist.run(ClassDistConfig(**common), base / "dist")
     pseudo_hard.run(PseudoHardConfig(**common, color=False), base / "hard")
@@ -213,8 +213,8 @@ def test_soft_labels_are_stored_at_stride_4(mit_products):
     split = PreparedSplit(tgt)
     h, w = split.load(0)[0].shape[:2]
     q = load_soft(soft_path(base / "soft", split.names[0]))
-    assert q.shape == (N_CLASS, -(-h // 4), -(-w // 4))       # 40x80 images: 10x20 (DeepLab-v2: 6x11)
-    # grid_stride 8: DeepLab-v2's grid, the stride-4 probabilities resized with corners on corners
+    assert q.shape == (N_CLASS, -(-h // 4), -(-w // 4))       # grid_stride null, 40x80 images: 10x20
+    # grid_stride 8 (default): DeepLab-v2's grid, the stride-4 probabilities resized with corners on corners
     p8 = load_soft(soft_path(base / "soft8", split.names[0]))
     assert p8.shape == (N_CLASS, 6, 11)
     expect = F.interpolate(torch.from_numpy(q)[None], size=(6, 11), mode="bilinear", align_corners=True)[0]

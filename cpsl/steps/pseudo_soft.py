@@ -1,8 +1,8 @@
 """``cpsl pseudo-soft``: soft pseudo labels of a target split (spec 3.1, stored compactly as in spec 6/9).
 
 For every image of the prepared split (target train): the softmax of the model's output at the model's own
-resolution (stride 8; 129 x 257 for a 1024 x 2048 image; stride 4 for MiT, 256 x 512, unless ``grid_stride: 8``
-resizes them to the stride-8 grid), full-size input, no flip, eval mode. The reference
+resolution (stride 8; 129 x 257 for a 1024 x 2048 image; a stride-4 MiT's are resized to that stride-8 grid
+unless ``grid_stride: null``), full-size input, no flip, eval mode. The reference
 saves these as float32 ``.npy`` (19 x 129 x 257 -> 2,519,756 B per image, 7.5 GB for Cityscapes train).
 
 Output folder (replaced as a whole when the step succeeds)::
@@ -44,7 +44,7 @@ def run(cfg: PseudoSoftConfig, out: Path) -> dict:
                 for batch in inference.iter_batches(setup.split, setup.indices, cfg, info.device, "pseudo-soft",
                                                     show_progress=info.is_main):
                     size = None
-                    if cfg.grid_stride == 8:
+                    if cfg.grid_stride is not None and model_stride(setup.model_config) < cfg.grid_stride:
                         size = tuple(deeplabv2.output_size(int(n)) for n in batch.images.shape[-2:])
                     probs = inference.predict_probs(setup.model, batch.images, out_size=size, amp=cfg.amp)
                     q = pseudo.quantize_soft(probs).cpu().numpy()
@@ -55,9 +55,10 @@ def run(cfg: PseudoSoftConfig, out: Path) -> dict:
             total = torch.tensor([sum(writer.results), len(writer.results)], dtype=torch.int64)
             inference.all_reduce_(total, info)
             shapes = _merge_counts(shapes, info)
-            layout = (f"(n_class, h, w) at the model's output resolution (stride {model_stride(setup.model_config)})"
-                      if cfg.grid_stride is None
-                      else f"(n_class, h, w) on the stride-{cfg.grid_stride} grid")
+            stride = model_stride(setup.model_config)
+            layout = (f"(n_class, h, w) at the model's output resolution (stride {stride})"
+                      if cfg.grid_stride is None or stride >= cfg.grid_stride
+                      else f"(n_class, h, w) on the stride-{cfg.grid_stride} grid (model stride {stride}, resized)")
             meta = {
                 "kind": "soft", "format": "npz", "array": "q", "dtype": "uint8", "encoding": pseudo.SOFT_ENCODING,
                 "levels": pseudo.SOFT_LEVELS, "layout": layout,
