@@ -5,7 +5,7 @@ drawn once on an 8 x 16 grid of the image, so both strides see the same scene) s
 
 * ``stride8``:            DeepLab-v2's grid, 129 x 257 (today's files)
 * ``stride4``:            MiT's own grid, 256 x 512 (``pseudo-soft grid_stride: null``)
-* ``stride4_to_grid8``:   the MiT probabilities resized to the stride-8 grid (``pseudo-soft grid_stride: 8``, the default)
+* ``stride4_to_grid8``:   the MiT probabilities resized to the stride-8 grid (``grid_stride: 8``, the default)
 
 For each: the .npz bytes (``cpsl.data.pseudo.save_soft``) and the stage-1 sample's soft-label cost
 (``SoftLabelExtras``: read + decode the file, carry it into a 512 x 896 weak crop's 128 x 224 quarter grid),
