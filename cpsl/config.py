@@ -238,7 +238,7 @@ class SynthConfig:
 
 RANDOM_INIT = "random"             # ``model.init: random``: random initial weights, said explicitly
 IMAGENET_INIT = "imagenet"         # ``model.init: imagenet``: torchvision's file, fetched by the workflow
-LARGE_BACKBONES = ("resnet101", "resnet50")
+LARGE_BACKBONES = ("resnet101", "resnet50", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
 MIT_HEADS = (1, 2, 5, 8)   # attention heads of the four MiT stages (all variants; cpsl.models.mit)
 
 
@@ -757,11 +757,14 @@ class TrainConfig:
         if self.data.lab_transfer:
             _check(needs_source and self.data.target is not None, _join(prefix, "data.lab_transfer"),
                    "needs data.source and data.target (the target's lab_stats are the colour references)")
+        what = "an ImageNet-scale network" if self.model.is_mit else "the paper's network"
+        where = (f"Give the NVlabs ImageNet file (e.g. init: pretrained/{self.model.backbone}.pth, init_format: "
+                 "nvlabs_mit)" if self.model.is_mit else f"Write `init: {IMAGENET_INIT}` (the workflow fetches "
+                 "torchvision's file once), give that file's path,")
         _check(self.model.backbone not in LARGE_BACKBONES or self.model.init is not None
                or self.init_checkpoint is not None, _join(prefix, "model.init"),
-               f"not set for a {self.model.backbone} (the paper's network): the stage would train "
-               f"{self.max_iters} iterations from random weights. Write `init: {IMAGENET_INIT}` (the workflow "
-               f"fetches torchvision's file once), give that file's path, or write `init: {RANDOM_INIT}` to mean it")
+               f"not set for a {self.model.backbone} ({what}): the stage would train "
+               f"{self.max_iters} iterations from random weights. {where} or write `init: {RANDOM_INIT}` to mean it")
         if self.stage == "stage1":
             self._check_sample_grid(prefix)
 

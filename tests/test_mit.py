@@ -255,3 +255,12 @@ def test_distill_steps_on_a_tiny_mit(pair_dir, mit_products, stage):  # noqa: F8
     cfg = load(TrainConfig, _mit_dict(pair_dir, stage, **over))
     m, losses, _ = _one_step(cfg)
     assert isinstance(m.teacher, SegFormer) and set(losses) == {"ce_source", "ce_pseudo", "kd"}
+
+
+def test_a_large_mit_without_weights_must_say_random():
+    cfg = {"stage": "source_only", "max_iters": 40000, "data": {"source": "s"}, "model": {"backbone": "mit_b5"}}
+    with pytest.raises(ConfigError, match=r"^model.init: not set for a mit_b5 \(an ImageNet-scale network\): .* "
+                                          r"init: pretrained/mit_b5.pth, init_format: nvlabs_mit\) or write "
+                                          r"`init: random` to mean it$"):
+        load(TrainConfig, cfg)
+    assert load(TrainConfig, {**cfg, "model": {"backbone": "mit_b5", "init": "random"}}).model.init_file is None
