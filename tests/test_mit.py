@@ -264,3 +264,18 @@ def test_a_large_mit_without_weights_must_say_random():
                                           r"`init: random` to mean it$"):
         load(TrainConfig, cfg)
     assert load(TrainConfig, {**cfg, "model": {"backbone": "mit_b5", "init": "random"}}).model.init_file is None
+
+
+def test_training_loop_runs_adamw_with_warmup_on_a_tiny_mit(pair_dir, tmp_path):  # noqa: F811
+    from cpsl.models.checkpoint import load_checkpoint
+    from cpsl.train.loop import train
+
+    optim = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.01, "norm_decay_mult": 0.0, "warmup_iters": 2,
+             "warmup_ratio": 0.1, "poly_power": 1.0}
+    train(load(TrainConfig, _mit_dict(pair_dir, "source_only", max_iters=4, optim=optim)), tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # lr * (1 - t/4) * (1 - (1 - t/2) * 0.9) for t < 2, then lr * (1 - t/4): 0.1, 0.75 * 0.55, 0.5, 0.25 (x 1e-3)
+    assert [x["lr/backbone"] for x in lines] == pytest.approx([1e-4, 4.125e-4, 5e-4, 2.5e-4])
+    assert [x["lr/head_norm"] for x in lines] == pytest.approx([1e-3, 4.125e-3, 5e-3, 2.5e-3])
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ckpt["model_config"]["backbone"] == "mit_b0" and ckpt["model_config"]["mit_depths"] == [1, 1, 1, 1]
