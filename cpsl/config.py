@@ -244,7 +244,8 @@ MIT_HEADS = (1, 2, 5, 8)   # attention heads of the four MiT stages (all variant
 
 @dataclass
 class ModelConfig:
-    """The segmentation network (DeepLab-v2 + CPSL ASPP head) and its initial weights.
+    """The segmentation network (DeepLab-v2 + CPSL ASPP head, or ``mit_b0`` ... ``mit_b5``: SegFormer's Mix
+    Transformer + MLP head, cpsl.models.mit) and its initial weights.
 
     ``init`` is a local file (never downloaded): a torchvision ImageNet ResNet state dict
     (``init_format: torchvision``, e.g. resnet101-5d3b4d8f.pth) or the SimCLRv2 R101 file of the reference
@@ -253,7 +254,8 @@ class ModelConfig:
     (``init_format: checkpoint``; in the workflow, ``init: "@<stage>"`` names that stage's final checkpoint).
     ``init: random`` starts from random weights on purpose: a training stage with an ImageNet-scale backbone
     (``resnet101``, ``resnet50``) and neither ``init`` nor ``init_checkpoint`` is refused, since 90,000
-    iterations from random weights is almost never what was meant.
+    iterations from random weights is almost never what was meant. MiT backbones take the NVlabs ImageNet file
+    (``init_format: nvlabs_mit``) or a checkpoint; B1-B5 are refused without ``init`` like ResNet-101.
     """
 
     backbone: Literal["resnet101", "resnet50", "resnet18", "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4",

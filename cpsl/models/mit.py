@@ -2,8 +2,10 @@
 
 Our own module, not ``transformers``' SegformerModel: it adds no dependency (``transformers`` 5.x is a 13.5 MB
 wheel that pulls huggingface_hub, tokenizers and safetensors into every environment, CI included, for about
-150 lines of network), its state-dict names are ours to keep stable across library versions, and the same
-``build_model`` / ``feat`` / ``layer5`` conventions as DeepLab-v2 hold, so every stage runs on it unchanged.
+150 lines of network), its state-dict names are ours to keep stable across library versions (``transformers``
+5 renamed SegFormer's modules: 4.x ``attention.self.query`` / ``block.i.j`` became ``q_proj`` / ``stages``),
+and the same ``build_model`` / ``feat`` / ``layer5`` conventions as DeepLab-v2 hold, so every stage runs on it
+unchanged.
 
 Encoder (``backbone``), per stage s = 0..3 with width C_s, depth D_s, heads (1, 2, 5, 8), spatial reduction
 (8, 4, 2, 1) and MLP ratio 4, as the published MiT::
