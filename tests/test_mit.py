@@ -279,3 +279,15 @@ def test_training_loop_runs_adamw_with_warmup_on_a_tiny_mit(pair_dir, tmp_path):
     assert [x["lr/head_norm"] for x in lines] == pytest.approx([1e-3, 4.125e-3, 5e-3, 2.5e-3])
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["model_config"]["backbone"] == "mit_b0" and ckpt["model_config"]["mit_depths"] == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("stage", ["source_only", "warmup"])
+def test_gpu_path_on_fake_cuda_adds_no_host_syncs(pair_dir, stage):  # noqa: F811
+    """The MiT on the (fake) CUDA path: channels_last convolutions, bf16 autocast, and the same host
+    synchronisations per iteration as DeepLab-v2 (the network itself adds none)."""
+    from tests.test_fake_cuda import TRAIN_SYNCS, _check_syncs, _one_iteration
+
+    cfg = load(TrainConfig, _mit_dict(pair_dir, stage))
+    method, _, counts, fc, _ = _one_iteration(cfg)
+    assert isinstance(method.student, SegFormer) and stage in TRAIN_SYNCS
+    _check_syncs(stage, fc, counts)
