@@ -4,6 +4,7 @@ CPSL chain on a tiny MiT on the CPU."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,3 +292,27 @@ def test_gpu_path_on_fake_cuda_adds_no_host_syncs(pair_dir, stage):  # noqa: F81
     method, _, counts, fc, _ = _one_iteration(cfg)
     assert isinstance(method.student, SegFormer) and stage in TRAIN_SYNCS
     _check_syncs(stage, fc, counts)
+
+
+def test_mitb5_presets_resolve_and_name_a_missing_weights_file():
+    import yaml
+
+    from cpsl import workflow
+
+    config = yaml.safe_load((Path(__file__).resolve().parent.parent / "config.yaml").read_text())
+    for exp in ("gta5_cityscapes_mitb5", "synthia_cityscapes_mitb5"):
+        model = config["experiment_settings"][exp]["model"]
+        model["init"] = "imagenet"   # torchvision has no MiT file: refused with what to give instead
+        with pytest.raises(ConfigError, match=rf"^experiment_settings.{exp}.stages.source_only.model.init: "
+                                              r"'imagenet' means torchvision's ResNet weights; for mit_b5 give"):
+            workflow.train_config(config, exp, 0, "source_only")
+        model["init"] = None
+        with pytest.raises(ConfigError, match=r"model.init: not set for a mit_b5"):
+            workflow.train_config(config, exp, 0, "source_only")
+        model["init"] = "/weights/mit_b5.pth"
+        for stage in ("source_only", "warmup", "stage1", "stage2", "stage3"):
+            cfg = load(TrainConfig, workflow.train_config(config, exp, 0, stage))
+            assert cfg.model.backbone == "mit_b5" and cfg.model.init_format == "nvlabs_mit"
+            assert (cfg.optim.name, cfg.optim.lr, cfg.optim.head_lr_mult, cfg.optim.warmup_iters) == \
+                ("adamw", 6e-5, 10.0, 1500)
+            assert cfg.max_iters == 40000 and cfg.data.batch_size == 2 and not cfg.model.bn_pretrain
