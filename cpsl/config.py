@@ -255,7 +255,8 @@ class ModelConfig:
     ``init: random`` starts from random weights on purpose: a training stage with an ImageNet-scale backbone
     (``resnet101``, ``resnet50``) and neither ``init`` nor ``init_checkpoint`` is refused, since 90,000
     iterations from random weights is almost never what was meant. MiT backbones take the NVlabs ImageNet file
-    (``init_format: nvlabs_mit``) or a checkpoint; B1-B5 are refused without ``init`` like ResNet-101.
+    (``init_format: nvlabs_mit``), a Hugging Face SegFormer folder (``hf_segformer``, e.g. a copy of
+    nvidia/mit-b5) or a checkpoint; B1-B5 are refused without ``init`` like ResNet-101.
     """
 
     backbone: Literal["resnet101", "resnet50", "resnet18", "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4",
@@ -265,7 +266,7 @@ class ModelConfig:
     n_class: int = 19
     bn_pretrain: bool = False     # extra BatchNorm after layer4 (reference --bn_clr / --ema_bn)
     init: Path | None = None
-    init_format: Literal["torchvision", "simclr", "checkpoint", "nvlabs_mit"] = "torchvision"
+    init_format: Literal["torchvision", "simclr", "checkpoint", "nvlabs_mit", "hf_segformer"] = "torchvision"
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
     dropout: float = 0.1          # Dropout2d before the classifier (the features are taken after it)
     sync_bn: bool = True          # under DDP, convert BatchNorm to SyncBatchNorm (no effect otherwise)
@@ -294,8 +295,8 @@ class ModelConfig:
                _join(prefix, "aspp_dilations"),
                f"must be a non-empty list of integers >= 1 (got {self.aspp_dilations})")
         _check(0.0 <= self.dropout < 1.0, _join(prefix, "dropout"), f"must be in [0, 1) (got {self.dropout})")
-        _check(self.is_mit or self.init_format != "nvlabs_mit", _join(prefix, "init_format"),
-               f"'nvlabs_mit' needs an MiT backbone (model.backbone is {self.backbone!r})")
+        _check(self.is_mit or self.init_format not in ("nvlabs_mit", "hf_segformer"), _join(prefix, "init_format"),
+               f"{self.init_format!r} needs an MiT backbone (model.backbone is {self.backbone!r})")
         if self.is_mit:
             self._validate_mit(prefix)
 
@@ -305,9 +306,9 @@ class ModelConfig:
                "init_format: nvlabs_mit")
         _check(not self.bn_pretrain, _join(prefix, "bn_pretrain"), f"not supported with {self.backbone} (the MiT "
                "head reads all four stages; there is no single backbone output to normalise)")
-        _check(self.init_format in ("nvlabs_mit", "checkpoint") or self.init_file is None,
-               _join(prefix, "init_format"), f"must be 'nvlabs_mit' or 'checkpoint' for {self.backbone} "
-               f"(got {self.init_format!r})")
+        _check(self.init_format in ("nvlabs_mit", "hf_segformer", "checkpoint") or self.init_file is None,
+               _join(prefix, "init_format"), f"must be 'nvlabs_mit', 'hf_segformer' or 'checkpoint' for "
+               f"{self.backbone} (got {self.init_format!r})")
         if self.mit_depths is not None:
             _check(len(self.mit_depths) == 4 and all(d >= 1 for d in self.mit_depths), _join(prefix, "mit_depths"),
                    f"must be 4 integers >= 1 (got {self.mit_depths})")

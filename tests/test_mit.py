@@ -316,3 +316,87 @@ def test_mitb5_presets_resolve_and_name_a_missing_weights_file():
             assert (cfg.optim.name, cfg.optim.lr, cfg.optim.head_lr_mult, cfg.optim.warmup_iters) == \
                 ("adamw", 6e-5, 10.0, 1500)
             assert cfg.max_iters == 40000 and cfg.data.batch_size == 2 and not cfg.model.bn_pretrain
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hugging Face folders
+
+
+def _hf_state(model, v5: bool) -> dict[str, torch.Tensor]:
+    """The model's encoder under Hugging Face SegFormer names (transformers 4.x or 5.x), written by hand, with
+    ``attn.kv`` split into key and value and the ImageNet classifier of nvidia/mit-bX."""
+    blocks4 = {"norm1": "layer_norm_1", "norm2": "layer_norm_2", "attn.q": "attention.self.query",
+               "attn.proj": "attention.output.dense", "attn.sr": "attention.self.sr",
+               "attn.norm": "attention.self.layer_norm", "mlp.fc1": "mlp.dense1", "mlp.fc2": "mlp.dense2",
+               "mlp.dwconv": "mlp.dwconv.dwconv"}
+    blocks5 = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.q": "attention.q_proj",
+               "attn.proj": "attention.o_proj", "attn.sr": "attention.sequence_reduction.sequence_reduction",
+               "attn.norm": "attention.sequence_reduction.layer_norm", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+               "mlp.dwconv": "mlp.dwconv.dwconv"}
+    out = {}
+    for k, v in model.state_dict().items():
+        if not k.startswith("backbone."):
+            continue
+        parts = k.split(".")
+        s, rest = parts[2], parts[3:]
+        if rest[0] == "embed":
+            part = "proj" if rest[1] == "proj" else "layer_norm"
+            stem = f"stages.{s}.patch_embeddings" if v5 else f"encoder.patch_embeddings.{s}"
+            out[f"segformer.{stem}.{part}.{rest[2]}"] = v.clone()
+        elif rest[0] == "norm":
+            stem = f"stages.{s}.layer_norm" if v5 else f"encoder.layer_norm.{s}"
+            out[f"segformer.{stem}.{rest[1]}"] = v.clone()
+        else:
+            j, what, wb = rest[1], ".".join(rest[2:-1]), rest[-1]
+            stem = f"segformer.stages.{s}.blocks.{j}" if v5 else f"segformer.encoder.block.{s}.{j}"
+            if what == "attn.kv":
+                key, value = v.chunk(2, dim=0)
+                names = ("attention.k_proj", "attention.v_proj") if v5 else \
+                    ("attention.self.key", "attention.self.value")
+                out[f"{stem}.{names[0]}.{wb}"], out[f"{stem}.{names[1]}.{wb}"] = key.clone(), value.clone()
+            else:
+                out[f"{stem}.{(blocks5 if v5 else blocks4)[what]}.{wb}"] = v.clone()
+    out["classifier.weight"], out["classifier.bias"] = torch.zeros(1000, 64), torch.zeros(1000)
+    return out
+
+
+def _write_safetensors(path, state):
+    """The safetensors format by hand: 8-byte little-endian header size, JSON header, little-endian data."""
+    header, blobs, offset = {}, [], 0
+    for name, t in state.items():
+        b = t.contiguous().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    head = json.dumps(header).encode()
+    path.write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+
+
+@pytest.mark.parametrize("v5, kind", [(False, "safetensors"), (True, "safetensors"), (False, "bin")])
+def test_hf_folder_loads_into_the_encoder(tmp_path, v5, kind):
+    torch.manual_seed(3)
+    source = build_model(_model_cfg())
+    folder = tmp_path / "mit-tiny"
+    folder.mkdir()
+    state = _hf_state(source, v5)
+    if kind == "bin":
+        torch.save(state, folder / "pytorch_model.bin")
+    else:
+        _write_safetensors(folder / "model.safetensors", state)
+    model = build_model(_model_cfg(init=str(folder), init_format="hf_segformer"))
+    mine, theirs = model.state_dict(), source.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine if k.startswith("backbone."))
+    assert model.init_report["loaded"] == sum(k.startswith("backbone.") for k in mine)
+    # errors: an unknown key, a key without its value, an empty folder
+    _write_safetensors(folder / "model.safetensors", {**state, "segformer.encoder.pos_embed": torch.zeros(2)})
+    (folder / "pytorch_model.bin").unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match=r"key 'segformer.encoder.pos_embed' is not a tensor of the Hugging "
+                                              r"Face SegFormer layout"):
+        build_model(_model_cfg(init=str(folder), init_format="hf_segformer"))
+    half = {k: v for k, v in state.items() if not k.endswith(("self.value.bias", "v_proj.bias"))}
+    _write_safetensors(folder / "model.safetensors", half)
+    with pytest.raises(CheckpointError, match=r"backbone.stages.0.blocks.0.attn.k.bias has no matching value"):
+        build_model(_model_cfg(init=str(folder), init_format="hf_segformer"))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"model.init: no model.safetensors or pytorch_model.bin in "):
+        build_model(_model_cfg(init=str(folder), init_format="hf_segformer"))

@@ -34,8 +34,10 @@ per GPU batch statistics are poor, and the EMA teacher never needs SyncBatchNorm
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -317,4 +319,93 @@ def convert_nvlabs(state: dict[str, torch.Tensor], source: str) -> dict[str, tor
                              "blockN.i.*, normN.*, head.*)") from None
         if ours is not None:
             out[ours] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A Hugging Face SegFormer folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``), in the
+# names of transformers 4.x (the hub's files: ``encoder.block.i.j.attention.self.query``) or 5.x (``stages.i.
+# blocks.j.attention.q_proj``); keys and values are separate Linear layers there, one (``kv``) here.
+
+_HF_BLOCK_PARTS = {
+    "layer_norm_1": "norm1", "layernorm_before": "norm1", "layer_norm_2": "norm2", "layernorm_after": "norm2",
+    "attention.self.query": "attn.q", "attention.q_proj": "attn.q",
+    "attention.self.key": "attn.k", "attention.k_proj": "attn.k",
+    "attention.self.value": "attn.v", "attention.v_proj": "attn.v",
+    "attention.output.dense": "attn.proj", "attention.o_proj": "attn.proj",
+    "attention.self.sr": "attn.sr", "attention.sequence_reduction.sequence_reduction": "attn.sr",
+    "attention.self.layer_norm": "attn.norm", "attention.sequence_reduction.layer_norm": "attn.norm",
+    "mlp.dense1": "mlp.fc1", "mlp.fc1": "mlp.fc1", "mlp.dense2": "mlp.fc2", "mlp.fc2": "mlp.fc2",
+    "mlp.dwconv.dwconv": "mlp.dwconv",
+}
+_HF_RULES = (
+    (re.compile(r"(?:encoder\.patch_embeddings\.(\d)|stages\.(\d)\.patch_embeddings)"
+                r"\.(proj|layer_norm)\.(weight|bias)"),
+     lambda s, part, wb: f"backbone.stages.{s}.embed.{'proj' if part == 'proj' else 'norm'}.{wb}"),
+    (re.compile(r"(?:encoder\.layer_norm\.(\d)|stages\.(\d)\.layer_norm)\.()(weight|bias)"),
+     lambda s, _, wb: f"backbone.stages.{s}.norm.{wb}"),
+)
+_HF_BLOCK = re.compile(r"(?:encoder\.block\.(\d)|stages\.(\d)\.blocks)\.(\d+)\.(.+)\.(weight|bias)")
+HF_DROPPED = re.compile(r"(classifier|decode_head)\..*")
+
+
+def hf_key(name: str) -> str | None:
+    """Our name for a Hugging Face SegFormer key (``k`` / ``v`` parts of ``attn.kv`` still apart); None for
+    the classifier or decode head; ValueError for any other key."""
+    name = name.removeprefix("segformer.")
+    if HF_DROPPED.fullmatch(name):
+        return None
+    for pattern, build in _HF_RULES:
+        m = pattern.fullmatch(name)
+        if m:
+            return build(m.group(1) or m.group(2), m.group(3), m.group(4))
+    m = _HF_BLOCK.fullmatch(name)
+    if m and m.group(4) in _HF_BLOCK_PARTS:
+        return f"backbone.stages.{m.group(1) or m.group(2)}.blocks.{m.group(3)}.{_HF_BLOCK_PARTS[m.group(4)]}." \
+               f"{m.group(5)}"
+    raise ValueError(name)
+
+
+def convert_hf(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """A Hugging Face SegFormer state dict under our names (``attn.k`` and ``attn.v`` joined into ``attn.kv``).
+    Raises ValueError naming the first key that is not a SegFormer encoder tensor."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in state.items():
+        try:
+            ours = hf_key(name)
+        except ValueError:
+            raise ValueError(f"{source}: key {name!r} is not a tensor of the Hugging Face SegFormer layout") from None
+        if ours is not None:
+            out[ours] = value
+    for k_name in [k for k in out if ".attn.k." in k]:
+        v_name = k_name.replace(".attn.k.", ".attn.v.")
+        if v_name not in out:
+            raise ValueError(f"{source}: {k_name} has no matching value tensor {v_name}")
+        out[k_name.replace(".attn.k.", ".attn.kv.")] = torch.cat([out.pop(k_name), out.pop(v_name)], dim=0)
+    stray = next((k for k in out if ".attn.v." in k), None)
+    if stray is not None:
+        raise ValueError(f"{source}: {stray} has no matching key tensor")
+    return out
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file (an 8-byte little-endian header size, a JSON header of
+    ``{name: {dtype, shape, data_offsets}}``, the raw data), read without the safetensors package."""
+    raw = Path(path).read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    data = memoryview(raw)[8 + size:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        flat = torch.frombuffer(bytearray(data[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
+        out[name] = flat.reshape(info["shape"])
     return out

@@ -2,7 +2,9 @@
 backbone of one of our own checkpoints (``checkpoint``: e.g. the demo's source-only model as its stand-in for
 pretrained weights; the classifier ``layer5`` is not taken, so the network gets a new head), or the original
 NVlabs ImageNet MiT file ``mit_bX.pth`` (``nvlabs_mit``: converted by ``cpsl.models.mit.convert_nvlabs``; every
-key must map onto the encoder and the whole encoder must be in the file, else the first offending key is named).
+key must map onto the encoder and the whole encoder must be in the file, else the first offending key is named),
+or a Hugging Face SegFormer folder (``hf_segformer``: ``model.safetensors`` or ``pytorch_model.bin``, in the
+names of transformers 4.x or 5.x; ``cpsl.models.mit.convert_hf``; the same checks).
 
 Nothing is ever downloaded. Files are read with ``torch.load(weights_only=True, map_location='cpu')``.
 Tensors are copied by name into the model's state dict (the reference's rule); every shape is checked before
@@ -26,7 +28,8 @@ from cpsl.models.checkpoint import load_checkpoint, short_error
 
 log = logging.getLogger(__name__)
 
-INIT_FORMATS = ("torchvision", "simclr", "checkpoint", "nvlabs_mit")
+INIT_FORMATS = ("torchvision", "simclr", "checkpoint", "nvlabs_mit", "hf_segformer")
+MIT_FORMATS = ("nvlabs_mit", "hf_segformer")
 # What init_format "checkpoint" leaves out: the classifier (ASPP head), as for the SimCLR file.
 HEAD_PREFIX = "layer5."
 
@@ -47,6 +50,8 @@ def read_state_dict(path: str | Path, fmt: str = "torchvision", key: str = "mode
     if str(path) == "imagenet":
         raise ConfigError(f"{key}: 'imagenet' is resolved by the workflow, which fetches the file (cpsl "
                           "fetch-weights); by hand, give the file's path")
+    if fmt == "hf_segformer":
+        return _read_hf_folder(path, key)
     if not path.is_file():
         raise ConfigError(f"{key}: file not found: {path}")
     if fmt == "checkpoint":
@@ -74,6 +79,29 @@ def read_state_dict(path: str | Path, fmt: str = "torchvision", key: str = "mode
         except ValueError as err:
             raise CheckpointError(str(err)) from None
     return state
+
+
+def _read_hf_folder(path: Path, key: str) -> dict[str, torch.Tensor]:
+    """The encoder tensors of a Hugging Face SegFormer folder (or one of its weight files), under our names."""
+    from cpsl.models.mit import convert_hf, read_safetensors
+
+    files = [path] if path.is_file() else [path / "model.safetensors", path / "pytorch_model.bin"]
+    found = next((f for f in files if f.is_file()), None)
+    if found is None:
+        raise ConfigError(f"{key}: no model.safetensors or pytorch_model.bin in {path}")
+    try:
+        if found.suffix == ".safetensors":
+            data = read_safetensors(found)
+        else:
+            data = torch.load(found, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
+        raise CheckpointError(f"{found}: cannot read init weights ({short_error(err)})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{found}: expected a state dict of tensors")
+    try:
+        return convert_hf(data, str(found))
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def _summary(keys: list[str]) -> str:
@@ -110,7 +138,7 @@ def load_init_weights(model: nn.Module, path: str | Path, fmt: str = "torchvisio
     ``key`` is the config key named in errors (e.g. ``model.init: file not found: /path``).
     """
     state = read_state_dict(path, fmt, key)
-    if fmt == "nvlabs_mit":
+    if fmt in MIT_FORMATS:
         _check_whole_encoder(model, state, str(path))
     return load_state_into(model, state, str(path))
 
