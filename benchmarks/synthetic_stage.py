@@ -81,6 +81,12 @@ class RandomSplit(PreparedSplit):
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         return self._images[i], self._labels[i]
 
+    def load_image(self, i: int) -> np.ndarray:   # the training data path reads image and label apart (#21)
+        return self._images[i]
+
+    def load_label(self, i: int, image_hw: tuple[int, int]) -> np.ndarray:
+        return self._labels[i]
+
 
 class _RandomSoft(SoftLabelExtras):
     """Stage 1's soft pseudo label (uint8-like probabilities on the network's output grid of the full image),

@@ -442,9 +442,11 @@ def imagenet_url(config: dict, backbone: str) -> str:
 
 
 def imagenet_backbone(config: dict, exp: str, stage: str) -> str | None:
-    """The backbone whose ImageNet weights ``stage``'s ``model.init: imagenet`` asks for (None otherwise)."""
+    """The backbone whose ImageNet weights ``stage``'s ``model.init: imagenet`` asks for (None otherwise; also
+    for an MiT, which has no torchvision file: its ModelConfig then says to give the NVlabs file)."""
     model = _stage_settings(config, exp, stage)["model"]
-    return model.get("backbone", "resnet101") if model.get("init") == C.IMAGENET_INIT else None
+    backbone = model.get("backbone", "resnet101")
+    return backbone if model.get("init") == C.IMAGENET_INIT and not str(backbone).startswith("mit_") else None
 
 
 def imagenet_file(config: dict, exp: str, stage: str) -> Path | None:

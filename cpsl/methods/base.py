@@ -26,7 +26,7 @@ from cpsl.models import build_model, convert_sync_bn, freeze_bn, place
 from cpsl.methods.shares import ShareMonitor
 from cpsl.models.checkpoint import check_model_fits, load_checkpoint, load_model_state
 from cpsl.train.dist import DistInfo
-from cpsl.train.optim import build_sgd, poly_scheduler
+from cpsl.train.optim import build_optimizer, build_scheduler
 
 
 class Amp:
@@ -171,13 +171,10 @@ class Method:
         self.student = build_student(cfg, ctx)
         self.net = ctx.wrap(self.student)
         o = cfg.optim
-        self.optimizer = build_sgd(self.student, o.lr, head_lr_mult=o.head_lr_mult,
-                                   backbone_lr_mult=o.backbone_lr_mult, momentum=o.momentum,
-                                   weight_decay=o.weight_decay)
+        self.optimizer = build_optimizer(self.student, o)
         self.nets: dict[str, nn.Module] = {"model": self.student}
         self.optimizers: dict[str, torch.optim.Optimizer] = {"optimizer": self.optimizer}
-        self.schedulers: dict[str, Any] = {"student": poly_scheduler(self.optimizer, cfg.max_iters,
-                                                                     o.poly_power)}
+        self.schedulers: dict[str, Any] = {"student": build_scheduler(self.optimizer, cfg.max_iters, o)}
         self.shares: ShareMonitor | None = None   # set by the stages with a teacher (cpsl.methods.shares)
 
     def share_monitor(self, marginal: torch.Tensor | None) -> ShareMonitor:

@@ -105,7 +105,7 @@ from cpsl.methods.sinkhorn import PixelQueue, safe_normalize, self_label_loss
 from cpsl.models import freeze_bn, revert_sync_bn
 from cpsl.train.data import _seed_int
 from cpsl.train.dist import all_gather_cat, all_reduce_mean_, host_to_device
-from cpsl.train.optim import build_sgd, poly_scheduler
+from cpsl.train.optim import build_optimizer, build_scheduler
 
 RCE_LOG_CLAMP = 1e-4     # log clamp(onehot, 1e-4, 1): -log(1e-4) = 9.2103 per unit of wrong-class mass
 RCE_PROB_CLAMP = 1e-7
@@ -419,7 +419,9 @@ def ema_update(ema: nn.Module, student: nn.Module, momentum: float) -> None:
     ema_params, params = list(ema.parameters()), [p.detach() for p in student.parameters()]
     torch._foreach_mul_(ema_params, momentum)
     torch._foreach_add_(ema_params, params, alpha=1.0 - momentum)
-    torch._foreach_copy_(list(ema.buffers()), list(student.buffers()))
+    buffers = list(ema.buffers())
+    if buffers:   # a network without BatchNorm (MiT: LayerNorm / GroupNorm only) has none
+        torch._foreach_copy_(buffers, list(student.buffers()))
 
 
 def sample_indices(keys: Tensor, valid: Tensor, n: int) -> Tensor:
@@ -478,12 +480,10 @@ class SelfLabel(Method):
         self.share_monitor(self.marginal)
 
         # The base optimizer again, plus the prototypes' group (reference: 5x lr for head and prototypes).
-        self.optimizer = build_sgd(self.student, o.lr, head_lr_mult=o.head_lr_mult,
-                                   backbone_lr_mult=o.backbone_lr_mult, momentum=o.momentum,
-                                   weight_decay=o.weight_decay,
-                                   extra_groups=[("prototypes", [self.prototypes], sl.proto_lr_mult)])
+        self.optimizer = build_optimizer(self.student, o,
+                                         extra_groups=[("prototypes", [self.prototypes], sl.proto_lr_mult)])
         self.optimizers["optimizer"] = self.optimizer
-        self.schedulers["student"] = poly_scheduler(self.optimizer, cfg.max_iters, o.poly_power)
+        self.schedulers["student"] = build_scheduler(self.optimizer, cfg.max_iters, o)
 
     # -- per iteration ------------------------------------------------------------------------------------
     def train_mode(self) -> None:
