@@ -14,6 +14,7 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import cpsl
@@ -96,7 +97,25 @@ def run_step(step: Step, config_path: Path, out: Path, stage: str | None = None)
     getattr(importlib.import_module(module), func)(cfg, out)
     if main_rank:
         provenance.record_run(out, step.name, C.to_dict(cfg), seed=getattr(cfg, "seed", None),
-                              prefix=step.record_as)
+                              prefix=step.record_as, device=_device_used(cfg))
+
+
+def _device_used(cfg: Any) -> str | None:
+    """The device a step with a ``device`` setting ran on (rank 0's), as run_info.json records it: ``cpu`` or
+    ``cuda:0 (<device name>)``; None for steps without a network."""
+    if not hasattr(cfg, "device"):
+        return None
+    from cpsl.train.dist import pick_device
+
+    try:
+        device = pick_device(cfg.device)
+    except RuntimeError:
+        return None
+    if device.type != "cuda":
+        return str(device)
+    import torch
+
+    return f"{device} ({torch.cuda.get_device_name(device)})"
 
 
 def one_line(err: BaseException) -> str:

@@ -43,7 +43,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: invalid value {value!r}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        # each alternative's complaint without the key: "'yes' is not one of 'auto'; expected true or false, ..."
+        why = "; ".join(err.split(": ", 1)[-1] for err in errors)
+        raise ConfigError(f"{key}: invalid value {value!r} ({why})")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -234,12 +238,14 @@ class SynthConfig:
 
 RANDOM_INIT = "random"             # ``model.init: random``: random initial weights, said explicitly
 IMAGENET_INIT = "imagenet"         # ``model.init: imagenet``: torchvision's file, fetched by the workflow
-LARGE_BACKBONES = ("resnet101", "resnet50")
+LARGE_BACKBONES = ("resnet101", "resnet50", "mit_b1", "mit_b2", "mit_b3", "mit_b4", "mit_b5")
+MIT_HEADS = (1, 2, 5, 8)   # attention heads of the four MiT stages (all variants; cpsl.models.mit)
 
 
 @dataclass
 class ModelConfig:
-    """The segmentation network (DeepLab-v2 + CPSL ASPP head) and its initial weights.
+    """The segmentation network (DeepLab-v2 + CPSL ASPP head, or ``mit_b0`` ... ``mit_b5``: SegFormer's Mix
+    Transformer + MLP head, cpsl.models.mit) and its initial weights.
 
     ``init`` is a local file (never downloaded): a torchvision ImageNet ResNet state dict
     (``init_format: torchvision``, e.g. resnet101-5d3b4d8f.pth) or the SimCLRv2 R101 file of the reference
@@ -248,19 +254,33 @@ class ModelConfig:
     (``init_format: checkpoint``; in the workflow, ``init: "@<stage>"`` names that stage's final checkpoint).
     ``init: random`` starts from random weights on purpose: a training stage with an ImageNet-scale backbone
     (``resnet101``, ``resnet50``) and neither ``init`` nor ``init_checkpoint`` is refused, since 90,000
-    iterations from random weights is almost never what was meant.
+    iterations from random weights is almost never what was meant. MiT backbones take the NVlabs ImageNet file
+    (``init_format: nvlabs_mit``), a Hugging Face SegFormer folder (``hf_segformer``, e.g. a copy of
+    nvidia/mit-b5) or a checkpoint; B1-B5 are refused without ``init`` like ResNet-101.
     """
 
-    backbone: Literal["resnet101", "resnet50", "resnet18"] = "resnet101"
+    backbone: Literal["resnet101", "resnet50", "resnet18", "mit_b0", "mit_b1", "mit_b2", "mit_b3", "mit_b4",
+                      "mit_b5"] = "resnet101"
     base_width: int = 64          # stem / stage-1 width; 64 for the standard networks, e.g. 16 for the demo
     head_channels: int = 256      # ASPP branch and feature width (prototype dimension)
     n_class: int = 19
     bn_pretrain: bool = False     # extra BatchNorm after layer4 (reference --bn_clr / --ema_bn)
     init: Path | None = None
-    init_format: Literal["torchvision", "simclr", "checkpoint"] = "torchvision"
+    init_format: Literal["torchvision", "simclr", "checkpoint", "nvlabs_mit", "hf_segformer"] = "torchvision"
     aspp_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
     dropout: float = 0.1          # Dropout2d before the classifier (the features are taken after it)
     sync_bn: bool = True          # under DDP, convert BatchNorm to SyncBatchNorm (no effect otherwise)
+    # MiT (SegFormer) backbones (cpsl.models.mit): None = the published depths / widths of model.backbone (tiny
+    # networks for tests and demos set both); decoder_channels: the MLP head's width (None: 256 for mit_b0,
+    # 768 for the others); drop_path: the encoder's stochastic depth (0 at the first block to this at the last).
+    mit_depths: list[int] | None = None
+    mit_widths: list[int] | None = None
+    decoder_channels: int | None = None
+    drop_path: float = 0.1
+
+    @property
+    def is_mit(self) -> bool:
+        return self.backbone.startswith("mit_")
 
     @property
     def init_file(self) -> Path | None:
@@ -275,6 +295,32 @@ class ModelConfig:
                _join(prefix, "aspp_dilations"),
                f"must be a non-empty list of integers >= 1 (got {self.aspp_dilations})")
         _check(0.0 <= self.dropout < 1.0, _join(prefix, "dropout"), f"must be in [0, 1) (got {self.dropout})")
+        _check(self.is_mit or self.init_format not in ("nvlabs_mit", "hf_segformer"), _join(prefix, "init_format"),
+               f"{self.init_format!r} needs an MiT backbone (model.backbone is {self.backbone!r})")
+        if self.is_mit:
+            self._validate_mit(prefix)
+
+    def _validate_mit(self, prefix: str) -> None:
+        _check(str(self.init) != IMAGENET_INIT, _join(prefix, "init"), f"{IMAGENET_INIT!r} means torchvision's "
+               f"ResNet weights; for {self.backbone} give the NVlabs ImageNet file (e.g. {self.backbone}.pth) with "
+               "init_format: nvlabs_mit")
+        _check(not self.bn_pretrain, _join(prefix, "bn_pretrain"), f"not supported with {self.backbone} (the MiT "
+               "head reads all four stages; there is no single backbone output to normalise)")
+        _check(self.init_format in ("nvlabs_mit", "hf_segformer", "checkpoint") or self.init_file is None,
+               _join(prefix, "init_format"), f"must be 'nvlabs_mit', 'hf_segformer' or 'checkpoint' for "
+               f"{self.backbone} (got {self.init_format!r})")
+        if self.mit_depths is not None:
+            _check(len(self.mit_depths) == 4 and all(d >= 1 for d in self.mit_depths), _join(prefix, "mit_depths"),
+                   f"must be 4 integers >= 1 (got {self.mit_depths})")
+        if self.mit_widths is not None:
+            _check(len(self.mit_widths) == 4 and all(w >= 1 and w % h == 0
+                                                     for w, h in zip(self.mit_widths, MIT_HEADS)),
+                   _join(prefix, "mit_widths"), f"must be 4 integers divisible by the heads {list(MIT_HEADS)} "
+                   f"(got {self.mit_widths})")
+        if self.decoder_channels is not None:
+            _check(self.decoder_channels >= 1, _join(prefix, "decoder_channels"),
+                   f"must be >= 1 (got {self.decoder_channels})")
+        _check(0.0 <= self.drop_path < 1.0, _join(prefix, "drop_path"), f"must be in [0, 1) (got {self.drop_path})")
 
 
 @dataclass
@@ -362,7 +408,21 @@ class EvaluateConfig(InferenceSettings):
 @dataclass(kw_only=True)
 class PseudoSoftConfig(InferenceSettings):
     """Settings of ``cpsl pseudo-soft``: quantised class probabilities at the model's output resolution
-    (reference ``generate_pseudo_label.py --soft``: no flip, full-size input). Format: cpsl.data.pseudo."""
+    (reference ``generate_pseudo_label.py --soft``: no flip, full-size input). Format: cpsl.data.pseudo.
+
+    ``grid_stride: 8`` (default) stores them on DeepLab-v2's stride-8 grid (129 x 257 for 1024 x 2048) when the
+    model's grid is finer: a stride-4 MiT's probabilities are resized to it bilinearly (corner samples on the
+    corner pixels, ``align_corners=True``, the convention stage 1 reads them with), so files and the stage-1
+    sample build cost what they cost for DeepLab-v2 instead of 3.2x / 2.3x (benchmarks/mit_stride.py). A
+    stride-8 model's output is stored as it is. ``null``: the model's own grid.
+    """
+
+    grid_stride: int | None = 8
+
+    def validate(self, prefix: str = "") -> None:
+        super().validate(prefix)
+        _check(self.grid_stride in (None, 8), _join(prefix, "grid_stride"),
+               f"must be unset (the model's grid) or 8 (got {self.grid_stride})")
 
 
 @dataclass(kw_only=True)
@@ -452,7 +512,7 @@ class TrainDataConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD on the student with backbone/head groups and the poly schedule (spec 2.3).
+    """SGD (or AdamW) on the student with backbone/head groups and the poly schedule (spec 2.3).
 
     Group learning rates: backbone ``lr * backbone_lr_mult``, head (layer5, bn_pretrain) ``lr * head_lr_mult``.
     ``backbone_lr_mult`` is 1.0 by default (each parameter listed once, the corrected behaviour); the paper
@@ -467,8 +527,25 @@ class OptimConfig:
     head_lr_mult: float = 10.0
     backbone_lr_mult: float = 1.0
     poly_power: float = 0.9
+    # The transformer recipe (DAFormer: adamw, lr 6e-5, weight_decay 0.01, head_lr_mult 10, norm_decay_mult 0,
+    # warmup_iters 1500, warmup_ratio 1e-6). ``name``: sgd (momentum) or adamw (betas). ``norm_decay_mult``
+    # scales the weight decay of normalisation layers' parameters (LayerNorm, GroupNorm, BatchNorm), which then
+    # get groups of their own (``backbone_norm``, ``head_norm``); 1.0 keeps the two groups. The learning rate
+    # rises linearly from ``warmup_ratio`` x to 1 x over ``warmup_iters`` steps (times the poly factor).
+    name: Literal["sgd", "adamw"] = "sgd"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    norm_decay_mult: float = 1.0
+    warmup_iters: int = 0
+    warmup_ratio: float = 1e-6
 
     def validate(self, prefix: str = "") -> None:
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), _join(prefix, "betas"),
+               f"must be two numbers in [0, 1) (got {self.betas})")
+        _check(self.norm_decay_mult >= 0, _join(prefix, "norm_decay_mult"),
+               f"must be >= 0 (got {self.norm_decay_mult})")
+        _check(self.warmup_iters >= 0, _join(prefix, "warmup_iters"), f"must be >= 0 (got {self.warmup_iters})")
+        _check(0 <= self.warmup_ratio <= 1, _join(prefix, "warmup_ratio"),
+               f"must be in [0, 1] (got {self.warmup_ratio})")
         _check(self.lr > 0, _join(prefix, "lr"), f"must be > 0 (got {self.lr})")
         _check(0.0 <= self.momentum < 1.0, _join(prefix, "momentum"), f"must be in [0, 1) (got {self.momentum})")
         _check(self.weight_decay >= 0, _join(prefix, "weight_decay"), f"must be >= 0 (got {self.weight_decay})")
@@ -600,6 +677,15 @@ class TrainConfig:
     ``share_drift``, ``share_drift_logs``: stages 1-3 warn when the student's predicted share of a class on the
     target stays more than ``share_drift`` (absolute) from the class marginal (or the teacher's share) for
     ``share_drift_logs`` logged iterations in a row (``cpsl.methods.shares``).
+    ``eval_interval`` (0: off), ``eval_images``, ``eval_data``, ``eval_batch_size``, ``eval_workers``: validation
+    during training and ``checkpoints/best.pt`` (``cpsl.train.validate``).
+    ``accumulate``: gradient accumulation, k forward/backward passes of ``data.batch_size`` samples (the batch
+    summed over the processes) per optimizer step: an optimizer step sees ``data.batch_size x accumulate``
+    samples, and ``max_iters``, the intervals, the schedules and the checkpoints count optimizer steps. Under
+    DDP the gradients are all-reduced once per step. BatchNorm in train mode sees micro-batch statistics, so
+    the result equals a ``batch_size x k`` run only with ``freeze_bn`` (what each stage does per micro-batch
+    and per step: ``cpsl.methods.base.Method.step``). ``channels_last``: the networks' memory format;
+    ``auto`` = channels_last on CUDA (cuDNN's fast layout for bf16 convolutions), NCHW on the CPU.
     """
 
     stage: Literal["source_only", "warmup", "oracle", "stage1", "stage2", "stage3"]
@@ -621,9 +707,31 @@ class TrainConfig:
     reference_class_scaling: bool = False
     share_drift: float = 0.10
     share_drift_logs: int = 3
+    # Validation during training (cpsl.train.validate): every eval_interval iterations (and at max_iters) the
+    # student, and stage 1's EMA teacher, are evaluated on eval_data (a prepared labelled split: the target val
+    # split, filled in by the workflow), or on eval_images of its images spread evenly over it (0: all);
+    # the best student so far is kept as checkpoints/best.pt. 0: off.
+    eval_interval: int = 0
+    eval_images: int = 0
+    eval_data: Path | None = None
+    eval_batch_size: int = 1
+    eval_workers: int = 0
+    # Gradient accumulation (micro-batches per optimizer step) and the networks' memory format (docstring above)
+    accumulate: int = 1
+    channels_last: Literal["auto"] | bool = "auto"
 
     def validate(self, prefix: str = "") -> None:
         _check(self.max_iters >= 1, _join(prefix, "max_iters"), f"must be >= 1 (got {self.max_iters})")
+        for name, zero in (("eval_interval", "off"), ("eval_images", "all images"), ("eval_workers", "none")):
+            _check(getattr(self, name) >= 0, _join(prefix, name),
+                   f"must be >= 0 (0: {zero}; got {getattr(self, name)})")
+        _check(self.eval_batch_size >= 1, _join(prefix, "eval_batch_size"),
+               f"must be >= 1 (got {self.eval_batch_size})")
+        _check(self.eval_interval == 0 or self.eval_data is not None, _join(prefix, "eval_data"),
+               f"required when eval_interval is set ({self.eval_interval}): a prepared labelled split to validate on "
+               "(the workflow fills in the target val split)")
+        _check(self.accumulate >= 1, _join(prefix, "accumulate"),
+               f"must be >= 1 (micro-batches per optimizer step; got {self.accumulate})")
         _check(0.0 < self.share_drift <= 1.0, _join(prefix, "share_drift"),
                f"must be in (0, 1] (a difference of class shares; got {self.share_drift})")
         _check(self.share_drift_logs >= 1, _join(prefix, "share_drift_logs"),
@@ -654,22 +762,27 @@ class TrainConfig:
         if self.data.lab_transfer:
             _check(needs_source and self.data.target is not None, _join(prefix, "data.lab_transfer"),
                    "needs data.source and data.target (the target's lab_stats are the colour references)")
+        what = "an ImageNet-scale network" if self.model.is_mit else "the paper's network"
+        where = (f"Give the NVlabs ImageNet file (e.g. init: pretrained/{self.model.backbone}.pth, init_format: "
+                 "nvlabs_mit)" if self.model.is_mit else f"Write `init: {IMAGENET_INIT}` (the workflow fetches "
+                 "torchvision's file once), give that file's path,")
         _check(self.model.backbone not in LARGE_BACKBONES or self.model.init is not None
                or self.init_checkpoint is not None, _join(prefix, "model.init"),
-               f"not set for a {self.model.backbone} (the paper's network): the stage would train "
-               f"{self.max_iters} iterations from random weights. Write `init: {IMAGENET_INIT}` (the workflow "
-               f"fetches torchvision's file once), give that file's path, or write `init: {RANDOM_INIT}` to mean it")
+               f"not set for a {self.model.backbone} ({what}): the stage would train "
+               f"{self.max_iters} iterations from random weights. {where} or write `init: {RANDOM_INIT}` to mean it")
         if self.stage == "stage1":
             self._check_sample_grid(prefix)
 
     def _check_sample_grid(self, prefix: str) -> None:
         """Stage 1 samples ``pixels_per_image`` pixels per image from the crop's quarter grid (default) or, with
-        ``reference_queue_labels``, from the student's output grid (stride 8): there must be that many."""
-        from cpsl.models.deeplabv2 import output_size
+        ``reference_queue_labels``, from the student's output grid (stride 8, or 4 for MiT): there must be that
+        many."""
+        from cpsl.models import model_output_size, model_stride
 
         h, w = self.data.crop
         if self.selflabel.reference_queue_labels:
-            grid, what = (output_size(h), output_size(w)), "the student's output grid (crop / 8)"
+            grid = (model_output_size(self.model, h), model_output_size(self.model, w))
+            what = f"the student's output grid (crop / {model_stride(self.model)})"
         else:
             grid, what = (h // 4, w // 4), "the label grid (crop / 4)"
         n = self.selflabel.pixels_per_image
@@ -685,3 +798,6 @@ class CollectConfig:
     metrics: list[Path] = field(default_factory=list)
     plots: bool = True
     notes: list[str] = field(default_factory=list)   # lines added under the tables (e.g. a stage left out)
+    # experiment -> a reference table (results/reference/*.csv): its rows and a "delta" row per stage are added to
+    # that experiment's table (the workflow sets it for the paper presets)
+    references: dict[str, Path] = field(default_factory=dict)

@@ -1,6 +1,8 @@
 """Check that a GPU job can use the GPUs it asked for, before the step (or torchrun) starts.
 
     python -m cpsl.gpus N [SETTING]   # exit 0 if CUDA works and N devices are visible, else one line, exit 2
+    python -m cpsl.gpus auto          # what `gpu: auto` resolves to on this machine, and why
+
 
 The workflow runs this in front of every step with ``resources.<kind>.gpu`` N >= 1 (see
 ``cpsl.workflow.step_command``; SETTING is the config key of that count), so that a job asked to run on GPUs
@@ -123,10 +125,47 @@ def check_gpus(requested: int, facts: CudaFacts | None = None, env: Mapping[str,
                             f"build for this GPU, e.g. {hint} ({README_SECTION}), {cpu_instead}")
 
 
+# ``gpu: auto`` (the demo's setting) is resolved once per workflow run, by the Snakemake process that parses the
+# Snakefile, and handed to every job (local or SLURM) through these variables, so that all jobs of a run agree.
+AUTO_ENV = "CPSL_GPU_AUTO"
+AUTO_REASON_ENV = "CPSL_GPU_AUTO_REASON"
+
+
+def resolve_auto(env: dict | None = None, facts: CudaFacts | None = None) -> tuple[int, str]:
+    """What ``gpu: auto`` means here: ``(1, why)`` when one CUDA device is usable (the same check as
+    ``gpu: 1``: a CUDA build, a driver new enough for it, a visible device the build has kernels for), else
+    ``(0, why)``. A value already in ``env[AUTO_ENV]`` (set by the run's first resolution) wins. Without an NVIDIA
+    driver (no /proc/driver/nvidia/version) the answer is 0 without importing torch, so a CPU-only machine pays
+    nothing for the check.
+
+    Resolving stores the answer in ``env`` (default ``os.environ``), which the jobs inherit."""
+    env = os.environ if env is None else env
+    known = env.get(AUTO_ENV)
+    if known in ("0", "1"):
+        return int(known), env.get(AUTO_REASON_ENV, "")
+    if facts is None and _driver_version() is None:
+        answer, why = 0, "no NVIDIA driver is loaded here (no /proc/driver/nvidia/version): the CPU"
+    else:
+        facts = cuda_facts() if facts is None else facts
+        try:
+            check_gpus(1, facts, env=env, setting="gpu: auto")
+        except CpslError as err:
+            answer, why = 0, f"CUDA is not usable ({err}): the CPU"
+        else:
+            name = facts.devices[0][0] if facts.devices else "a CUDA device"
+            answer, why = 1, f"one CUDA device ({name}; {facts.count} visible)"
+    env[AUTO_ENV], env[AUTO_REASON_ENV] = str(answer), why
+    return answer, why
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["auto"]:
+        answer, why = resolve_auto()
+        print(f"gpu: auto -> {answer}: {why}")
+        return 0
     if len(argv) not in (1, 2) or not argv[0].isdigit():
-        print("usage: python -m cpsl.gpus N [SETTING]", file=sys.stderr)
+        print("usage: python -m cpsl.gpus N [SETTING] | auto", file=sys.stderr)
         return 2
     try:
         check_gpus(int(argv[0]), setting=argv[1] if len(argv) == 2 else "resources.gpu")

@@ -65,9 +65,11 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     return normalize_image(image_to_uint8_tensor(image))
 
 
-def load_model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu"
+def load_model_from_checkpoint(path: str | Path, device: torch.device | str = "cpu",
+                               channels_last: bool | str = "auto"
                                ) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
-    """(model in eval mode on ``device``, its ModelConfig, the checkpoint dict) from our ``checkpoint.pt``.
+    """(model in eval mode on ``device``, its ModelConfig, the checkpoint dict) from our ``checkpoint.pt``;
+    ``channels_last`` as in ``cpsl.models.place``.
 
     The architecture comes from the file's ``model_config``; the student weights (``model``) are loaded
     strictly. Errors are one-line CheckpointErrors naming the file.
@@ -76,7 +78,7 @@ def load_model_from_checkpoint(path: str | Path, device: torch.device | str = "c
     mcfg = checkpoint_model_config(state, path)
     model = build_model(mcfg)
     load_model_state(model, state["model"], path)
-    model = place(model, device).eval()
+    model = place(model, device, channels_last).eval()
     return model, mcfg, state
 
 

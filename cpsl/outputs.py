@@ -41,6 +41,11 @@ from cpsl.provenance import pid_running
 MARKER = ".cpsl-output.json"
 # A results folder of the workflow (results_dir) carries the marker with this name as its step.
 WORKFLOW = "workflow"
+# What the repository ships in its own results/ folder: README.md (whose first line holds REPOSITORY_SIGNATURE)
+# and reference/ (the paper's and the peers' numbers as CSV files). A folder holding only these is the
+# repository's results folder, which the workflow claims as its own (a fresh clone has no marker in it yet).
+REPOSITORY_SIGNATURE = "<!-- cpsl-pipeline: the repository's results folder -->"
+REPOSITORY_ENTRIES = ("README.md", "reference")
 
 
 def _abs(path: str | Path) -> Path:
@@ -71,6 +76,24 @@ def owner_steps(folder: str | Path) -> set[str]:
         if isinstance(info, dict) and "cpsl_version" in info and isinstance(info.get("step"), str):
             steps.add(info["step"])
     return steps
+
+
+def is_repository_results(folder: str | Path) -> bool:
+    """Whether ``folder`` holds nothing but what the repository ships in ``results/``: its README.md (first line
+    ``REPOSITORY_SIGNATURE``) and optionally ``reference/`` with CSV files only."""
+    folder = Path(folder)
+    try:
+        names = {p.name for p in folder.iterdir()}
+        if "README.md" not in names or not names <= set(REPOSITORY_ENTRIES):
+            return False
+        with open(folder / "README.md", encoding="utf-8") as fh:
+            if fh.readline().strip() != REPOSITORY_SIGNATURE:
+                return False
+        reference = folder / "reference"
+        return "reference" not in names or (reference.is_dir() and not reference.is_symlink() and all(
+            p.is_file() and p.suffix == ".csv" for p in reference.iterdir()))
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def write_marker(folder: str | Path, step: str) -> None:
@@ -137,7 +160,7 @@ def check_out(out: str | Path, step: str, *, replaces: bool, inputs: Iterable[st
         made = f" (it was made by cpsl {', '.join(sorted(owners))})" if owners else f" (no {MARKER} in it)"
         raise DataError(f"{out}: folder exists and was not written by cpsl {step}{made}; cpsl {step} replaces "
                         f"its --out and deletes nothing it did not make: {tail}, or remove the folder yourself")
-    if not replaces and not owners:
+    if not replaces and not owners and not is_repository_results(out):
         raise DataError(f"{out}: folder exists, is not empty and was not made by cpsl (no {MARKER} in it); "
                         f"cpsl {step} would write its files into it: {tail}")
 

@@ -124,8 +124,13 @@ def dump_yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
-def run_info(step: str, seed: int | None = None) -> dict:
-    return {
+def run_info(step: str, seed: int | None = None, device: str | None = None) -> dict:
+    """What ran: the step, the package version and git commit, the seed, the command, where, and (for steps that
+    run a network) the device it ran on; under the workflow's ``gpu: auto`` also what that resolved to and why
+    (``cpsl.gpus.resolve_auto``, once per run)."""
+    from cpsl.gpus import AUTO_ENV, AUTO_REASON_ENV
+
+    info = {
         "step": step,
         "cpsl_version": cpsl.__version__,
         "git_commit": git_commit(),
@@ -135,10 +140,17 @@ def run_info(step: str, seed: int | None = None) -> dict:
         "host": platform.node(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if device is not None:
+        info["device"] = device
+    if os.environ.get(AUTO_ENV) in ("0", "1"):
+        info["gpu_auto"] = {"resolved": int(os.environ[AUTO_ENV]), "reason": os.environ.get(AUTO_REASON_ENV, "")}
+    return info
 
 
-def record_run(out: str | Path, step: str, config: dict, seed: int | None = None, prefix: str = "") -> None:
+def record_run(out: str | Path, step: str, config: dict, seed: int | None = None, prefix: str = "",
+               device: str | None = None) -> None:
     """Write ``<prefix>config.yaml`` (the resolved settings) and ``<prefix>run_info.json`` into ``out``."""
     out = Path(out)
     atomic_write_text(out / f"{prefix}config.yaml", dump_yaml(config))
-    atomic_write_text(out / f"{prefix}run_info.json", json.dumps(run_info(step, seed), indent=2) + "\n")
+    atomic_write_text(out / f"{prefix}run_info.json",
+                      json.dumps(run_info(step, seed, device), indent=2) + "\n")

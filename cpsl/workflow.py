@@ -44,6 +44,19 @@ STAGE_INPUTS: dict[str, dict[str, tuple[str, str]]] = {
 }
 
 
+# The published numbers that ``collect`` puts beside a paper preset's own rows: the repository's
+# results/reference/<file> (the Snakefile passes its folder; REFERENCE_DIR is the one next to this package).
+PAPER_REFERENCES = {"gta5_cityscapes": "gta5_cityscapes.csv", "synthia_cityscapes": "synthia_cityscapes.csv"}
+REFERENCE_DIR = Path(__file__).resolve().parent.parent / "results" / "reference"
+
+
+def reference_files(config: dict, reference_dir: str | Path | None = None) -> dict[str, str]:
+    """Experiment -> its reference table, for the selected paper presets whose table exists."""
+    folder = Path(reference_dir) if reference_dir is not None else REFERENCE_DIR
+    return {exp: str(folder / PAPER_REFERENCES[exp]) for exp in selected_experiments(config)
+            if exp in PAPER_REFERENCES and (folder / PAPER_REFERENCES[exp]).is_file()}
+
+
 # ``model.init: "@<stage>"`` names the final checkpoint of an earlier stage of the same experiment and seed; the
 # student takes its weights without the classifier (init_format "checkpoint"). The demo starts its stage-2 student
 # from the source-only model this way, as its stand-in for the paper's SimCLRv2 weights. ``init_checkpoint:
@@ -57,7 +70,8 @@ def _path_of(error: jsonschema.ValidationError) -> str:
 
 
 def check_schema(config: dict, schema_path: str | Path) -> None:
-    """Validate against the JSON schema; the error names the dotted key (and the unknown key, if any)."""
+    """Validate against the JSON schema; the error names the dotted key (and the unknown key, if any). A schema
+    entry's ``x-message`` (ignored by JSON Schema itself) replaces the validator's words for a bad value."""
     with open(schema_path, encoding="utf-8") as fh:
         schema = yaml.safe_load(fh)
     validator = jsonschema.Draft202012Validator(schema)
@@ -72,6 +86,8 @@ def check_schema(config: dict, schema_path: str | Path) -> None:
                           f"(allowed: {', '.join(err.schema.get('properties', {}))})")
     if err.validator == "propertyNames" or "propertyNames" in err.schema_path:  # a bad experiment name
         raise ConfigError(f"config: {key}: bad name {err.instance!r} (letters, digits, _ . - only)")
+    if isinstance(err.schema, dict) and "x-message" in err.schema:  # the schema's own words for a bad value
+        raise ConfigError(f"config: {key}: {err.instance!r}: {err.schema['x-message']}")
     raise ConfigError(f"config: {key}: {err.message}")
 
 
@@ -105,8 +121,9 @@ def results_dir(config: dict) -> Path:
 def claim_results_dir(config: dict) -> Path:
     """Create ``results_dir`` (or adopt it) as the workflow's own folder before anything is written into it.
 
-    A new or empty folder gets the ownership marker (``cpsl.outputs``); so does one that an earlier version of
-    the workflow wrote (it holds ``<experiment>/configs/`` of a selected experiment or a collect record). Any other
+    A new or empty folder gets the ownership marker (``cpsl.outputs``); so does the repository's own ``results/``
+    as a fresh clone has it (README.md and reference/ only: ``outputs.is_repository_results``), and one that an
+    earlier version of the workflow wrote (it holds ``<experiment>/configs/`` of a selected experiment or a collect record). Any other
     existing folder, a file, or a folder we cannot write to stops the workflow with one line naming it.
     """
     from cpsl import outputs
@@ -115,7 +132,7 @@ def claim_results_dir(config: dict) -> Path:
     key = f"config: results_dir: {rd}"
     if rd.exists() and not rd.is_dir():
         raise ConfigError(f"{key}: is a file, not a folder; choose another results_dir")
-    if rd.is_dir() and not outputs.owner_steps(rd) and any(rd.iterdir()):
+    if rd.is_dir() and not outputs.owner_steps(rd) and any(rd.iterdir()) and not outputs.is_repository_results(rd):
         legacy = any((rd / exp / "configs").is_dir() for exp in selected_experiments(config))
         if not legacy:
             raise ConfigError(f"{key}: folder exists, is not empty and was not made by cpsl-pipeline (no "
@@ -425,9 +442,11 @@ def imagenet_url(config: dict, backbone: str) -> str:
 
 
 def imagenet_backbone(config: dict, exp: str, stage: str) -> str | None:
-    """The backbone whose ImageNet weights ``stage``'s ``model.init: imagenet`` asks for (None otherwise)."""
+    """The backbone whose ImageNet weights ``stage``'s ``model.init: imagenet`` asks for (None otherwise; also
+    for an MiT, which has no torchvision file: its ModelConfig then says to give the NVlabs file)."""
     model = _stage_settings(config, exp, stage)["model"]
-    return model.get("backbone", "resnet101") if model.get("init") == C.IMAGENET_INIT else None
+    backbone = model.get("backbone", "resnet101")
+    return backbone if model.get("init") == C.IMAGENET_INIT and not str(backbone).startswith("mit_") else None
 
 
 def imagenet_file(config: dict, exp: str, stage: str) -> Path | None:
@@ -453,6 +472,22 @@ def fetch_configs(config: dict) -> dict[str, dict]:
     return out
 
 
+def eval_interval(config: dict, exp: str, stage: str) -> int:
+    """The stage's ``eval_interval`` (0: no validation during training, no ``checkpoints/best.pt``)."""
+    value = _stage_settings(config, exp, stage).get("eval_interval", 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def best_stages(config: dict, exp: str) -> list[str]:
+    """The stages that validate during training and so keep ``checkpoints/best.pt``, evaluated as
+    ``metrics_best.json`` (``selection: best_on_val``) beside the final checkpoint's ``metrics.json``."""
+    return [stage for stage in stages(config, exp) if eval_interval(config, exp, stage) > 0]
+
+
+def best_checkpoint(config: dict, exp: str, seed: int, stage: str) -> Path:
+    return stage_dir(config, exp, seed, stage) / "checkpoints" / "best.pt"
+
+
 def train_config(config: dict, exp: str, seed: int, stage: str) -> dict:
     """The resolved ``cpsl train`` settings of one stage: ``train`` (shared) merged with ``stages.<stage>``,
     the experiment's ``model``, the prepared data folders, and the stage/experiment/seed names."""
@@ -468,6 +503,8 @@ def train_config(config: dict, exp: str, seed: int, stage: str) -> dict:
     if stage != "source_only" or data.get("lab_transfer"):
         data["target"] = str(prepared_dir(config, exp, "target_train"))
     merged.update(stage=stage, experiment=exp, seed=seed, data=data)
+    if eval_interval(config, exp, stage) > 0:   # validation during training, on the target val split
+        merged["eval_data"] = str(prepared_dir(config, exp, "target_val"))
     inputs = stage_inputs(config, exp, stage)
     for key, (src, product) in inputs.items():
         path = product_path(config, exp, seed, src, product)
@@ -495,7 +532,8 @@ def inference_config(config: dict, exp: str, seed: int, step: str, stage: str, r
     check_keys(C.InferenceSettings, settings.get("inference"), key)
     raw = dict(settings.get("inference") or {})
     raw.update(checkpoint=str(stage_dir(config, exp, seed, stage) / "checkpoint.pt"),
-               data=str(prepared_dir(config, exp, role)), **extra)
+               data=str(prepared_dir(config, exp, role)))
+    raw.update(extra)
     if step == "evaluate":
         raw.update(stage=stage, experiment=exp, seed=seed)
     return C.to_dict(C.load(classes[step], raw, key))
@@ -517,14 +555,41 @@ def eval_dir(config: dict, exp: str, seed: int, stage: str, role: str) -> Path:
     return sdir if role == "target_val" else sdir / f"eval_{role}"
 
 
+# The config class of each step's resolved file, by the file name's first word (see step_config_files).
+STEP_CONFIG_CLASSES = {"synth": "SynthConfig", "prepare": "PrepareConfig", "train": "TrainConfig",
+                       "evaluate": "EvaluateConfig", "pseudo_soft": "PseudoSoftConfig",
+                       "prototypes": "PrototypesConfig", "class_dist": "ClassDistConfig",
+                       "pseudo_hard": "PseudoHardConfig", "fetch": "FetchWeightsConfig", "collect": "CollectConfig"}
+
+
+def _same_effective_settings(path: Path, resolved: dict) -> bool:
+    """Whether the config file at ``path`` already means ``resolved``: read through its typed class, a file
+    written by an older version of the package, which lacks a setting added since, gets that setting's default.
+    When every added setting is at its default the file is kept, so that updating the package does not rerun
+    (and retrain) every finished step; the step itself reads the same defaults."""
+    name = path.name.removesuffix(".yaml")
+    cls = next((getattr(C, cls) for prefix, cls in STEP_CONFIG_CLASSES.items()
+                if name == prefix or name.startswith(prefix + "_")), None)
+    if cls is None or not path.is_file():
+        return False
+    try:
+        return C.to_dict(C.load(cls, C.read_yaml(path))) == resolved
+    except (ConfigError, OSError, ValueError, TypeError):
+        return False  # a removed or renamed setting, an unreadable file: rewrite it
+
+
 def write_step_config(path: str | Path, resolved: dict) -> Path:
-    """Write a resolved step config (only when it changed, so unchanged steps are not rerun)."""
-    write_if_changed(path, dump_yaml(resolved))
-    return Path(path)
+    """Write a resolved step config only when its settings changed, so unchanged steps are not rerun (a file
+    that lacks only settings added since it was written, at their defaults, counts as unchanged)."""
+    path = Path(path)
+    if not _same_effective_settings(path, resolved):
+        write_if_changed(path, dump_yaml(resolved))
+    return path
 
 
-def step_config_files(config: dict) -> dict[str, Path]:
+def step_config_files(config: dict, reference_dir: str | Path | None = None) -> dict[str, Path]:
     """Resolve and write the per-step config of every selected experiment; return {tag: path}.
+    ``reference_dir``: the folder of the reference tables (``reference_files``).
 
     Raises ConfigError naming the key for anything wrong, so the workflow stops before running a job.
     """
@@ -549,6 +614,11 @@ def step_config_files(config: dict) -> dict[str, Path]:
                 files[f"{tag}/evaluate_{stage}_{role}"] = write_step_config(
                     sdir / f"evaluate_{stage}_{role}.yaml",
                     inference_config(config, exp, seed, "evaluate", stage, role))
+            for stage in best_stages(config, exp):
+                files[f"{tag}/evaluate_{stage}_target_val_best"] = write_step_config(
+                    sdir / f"evaluate_{stage}_target_val_best.yaml",
+                    inference_config(config, exp, seed, "evaluate", stage, "target_val", selection="best_on_val",
+                                     checkpoint=str(best_checkpoint(config, exp, seed, stage))))
             for stage, product in products(config, exp):
                 files[f"{tag}/{product}_{stage}"] = write_step_config(
                     sdir / f"{product}_{stage}.yaml",
@@ -558,16 +628,25 @@ def step_config_files(config: dict) -> dict[str, Path]:
     metrics = metrics_files(config)
     if metrics:
         files["collect"] = write_step_config(results_dir(config) / "configs" / "collect.yaml",
-                                             C.to_dict(C.load(C.CollectConfig, {"metrics": metrics,
-                                                                                "notes": notes(config)})))
+                                             C.to_dict(C.load(C.CollectConfig, {
+                                                 "metrics": metrics, "notes": notes(config),
+                                                 "references": reference_files(config, reference_dir)})))
     return files
 
 
 def metrics_files(config: dict) -> list[str]:
-    """Every metrics.json of the selected experiments (the inputs of ``collect``)."""
+    """Every metrics.json of the selected experiments, and the metrics_best.json of the stages that validate
+    during training (the inputs of ``collect``)."""
     return [str(eval_dir(config, exp, seed, stage, role) / "metrics.json")
             for exp in selected_experiments(config) for seed in seeds(config, exp)
-            for stage, role in evaluations(config, exp)]
+            for stage, role in evaluations(config, exp)] + best_metrics_files(config)
+
+
+def best_metrics_files(config: dict) -> list[str]:
+    """``<stage>/metrics_best.json`` of every stage that keeps ``checkpoints/best.pt`` (``best_stages``)."""
+    return [str(stage_dir(config, exp, seed, stage) / "metrics_best.json")
+            for exp in selected_experiments(config) for seed in seeds(config, exp)
+            for stage in best_stages(config, exp)]
 
 
 def missing_report_files(config: dict) -> list[str]:
@@ -581,6 +660,7 @@ def final_targets(config: dict) -> list[str]:
     """What `snakemake` builds by default: every prepared dataset, every stage's metrics, and the inference
     products the stages consume, for every selected experiment and seed, and the results table."""
     targets = [str(results_dir(config) / "summary.csv")] if metrics_files(config) else []
+    targets += best_metrics_files(config)
     for exp in selected_experiments(config):
         for role in dataset_roles(config, exp):
             targets.append(str(prepared_dir(config, exp, role)))
@@ -596,18 +676,25 @@ def final_targets(config: dict) -> list[str]:
 # experiment under experiment_settings.<exp>.resources). evaluate_split counts as `evaluate`; the four inference
 # products (pseudo_soft, prototypes, class_dist, pseudo_hard) as `stage_product`.
 RULE_KINDS = ("synth", "prepare", "train", "evaluate", "stage_product", "collect")
-# threads: CPU cores (OMP_NUM_THREADS, SLURM --cpus-per-task); mem_mb: memory in MB; runtime: wall-clock limit in
-# minutes (SLURM -t); gpu: GPUs (0: the step runs on the CPU; >1: training launched with torchrun, one process
-# per GPU).
-RESOURCE_KEYS = ("threads", "mem_mb", "runtime", "gpu")
+# threads: CPU cores (OMP_NUM_THREADS, SLURM --cpus-per-task; per node); mem_mb: memory in MB (per node); runtime:
+# wall-clock limit in minutes (SLURM -t); gpu: GPUs per node (0: the step runs on the CPU; >1: one process per GPU,
+# launched with torchrun; auto: 1 if a CUDA device is usable on the machine that runs Snakemake, else 0, resolved once
+# per run by cpsl.gpus.resolve_auto); nodes: machines (>1: SLURM only, one torchrun per node started by srun, the
+# processes meeting through torchrun's c10d rendezvous on the job's first node).
+RESOURCE_KEYS = ("threads", "mem_mb", "runtime", "gpu", "nodes")
 # What a kind gets for a key that config.yaml does not set.
-DEFAULT_RESOURCES = {"threads": 2, "mem_mb": 4000, "runtime": 60, "gpu": 0}
+DEFAULT_RESOURCES = {"threads": 2, "mem_mb": 4000, "runtime": 60, "gpu": 0, "nodes": 1}
+# The rule kinds whose step runs a network and shards its work over processes (torchrun): several GPUs, several nodes.
+DISTRIBUTED_KINDS = ("train", "evaluate", "stage_product")
+# The rendezvous port of a multi-node job: derived from its SLURM job id, so that two jobs that share a first node
+# do not pick the same port (RDZV_PORT_BASE + job id % RDZV_PORT_SPAN, below the usual ephemeral range).
+RDZV_PORT_BASE, RDZV_PORT_SPAN = 20000, 12000
 
 
 def rule_resources(config: dict, kind: str, exp: str | None = None) -> dict[str, int]:
-    """threads, mem_mb, runtime (minutes) and gpu of one rule kind: the built-in defaults, then
-    ``resources.<kind>``, then ``experiment_settings.<exp>.resources.<kind>``. Only training may use more than
-    one GPU."""
+    """threads, mem_mb, runtime (minutes), gpu (per node) and nodes of one rule kind: the built-in defaults, then
+    ``resources.<kind>``, then ``experiment_settings.<exp>.resources.<kind>``. Only the steps that run a network
+    (``DISTRIBUTED_KINDS``) may use more than one GPU or node; several nodes need ``gpu`` >= 1."""
     if kind not in RULE_KINDS:
         raise ValueError(f"unknown rule kind {kind!r} (known: {', '.join(RULE_KINDS)})")
     res = dict(DEFAULT_RESOURCES)
@@ -615,19 +702,61 @@ def rule_resources(config: dict, kind: str, exp: str | None = None) -> dict[str,
     key = resource_key(config, kind, exp)
     if exp is not None:
         res.update((experiment_settings(config, exp).get("resources") or {}).get(kind) or {})
-    if kind != "train" and res["gpu"] > 1:
-        raise ConfigError(f"config: {key}.gpu: {res['gpu']}: only training runs on several GPUs (use 0 or 1)")
+    if res["gpu"] == "auto":
+        from cpsl.gpus import resolve_auto
+
+        res["gpu"] = resolve_auto()[0]
+    elif isinstance(res["gpu"], bool) or not isinstance(res["gpu"], int) or res["gpu"] < 0:
+        raise ConfigError(f"config: {key}.gpu: {res['gpu']!r}: expected a number of GPUs (0, 1, 2, ...) or auto")
+    if isinstance(res["nodes"], bool) or not isinstance(res["nodes"], int) or res["nodes"] < 1:
+        raise ConfigError(f"config: {key}.nodes: {res['nodes']!r}: expected a number of nodes (1, 2, ...)")
+    if kind not in DISTRIBUTED_KINDS and res["gpu"] > 1:
+        raise ConfigError(f"config: {key}.gpu: {res['gpu']}: only training and the inference steps (evaluate, "
+                          "stage_product) run on several GPUs (use 0 or 1)")
+    if res["nodes"] > 1:
+        if kind not in DISTRIBUTED_KINDS:
+            raise ConfigError(f"config: {key}.nodes: {res['nodes']}: only training and the inference steps "
+                              "(evaluate, stage_product) run on several nodes (use 1)")
+        if res["gpu"] < 1:
+            raise ConfigError(f"config: {key}.nodes: {res['nodes']}: a job on several nodes runs on their GPUs; set "
+                              f"{key}.gpu to the GPUs per node (1, 2, ...; not 0 or auto resolved to 0)")
     return res
+
+
+def world_size(res: dict[str, int]) -> int:
+    """The processes of a job with resources ``res``: one per GPU on every node, one on the CPU."""
+    return res["nodes"] * max(1, res["gpu"])
 
 
 def check_resources(config: dict) -> dict[str, dict[str, int]]:
     """Resolve the resources of every rule kind of every selected experiment (``"<exp>/<kind>"``, and
-    ``"collect"``), so that a bad setting stops the workflow when it is parsed, naming the key."""
+    ``"collect"``), so that a bad setting stops the workflow when it is parsed, naming the key. A training batch
+    that cannot be split over the job's processes (``data.batch_size`` is the batch of all of them together) is
+    refused here too, naming both settings."""
     out = {"collect": rule_resources(config, "collect")}
     for exp in selected_experiments(config):
         for kind in RULE_KINDS[:-1]:
             out[f"{exp}/{kind}"] = rule_resources(config, kind, exp)
+        check_batch_split(config, exp, out[f"{exp}/train"])
     return out
+
+
+def check_batch_split(config: dict, exp: str, res: dict[str, int]) -> None:
+    """Every stage's ``data.batch_size`` divisible by the processes of its training job (nodes x gpu)."""
+    world = world_size(res)
+    if world == 1:
+        return
+    key = resource_key(config, "train", exp)
+    for stage in stages(config, exp):
+        batch = train_config(config, exp, seeds(config, exp)[0], stage)["data"]["batch_size"]
+        if batch % world:
+            where = ("stages." + stage) if ((listed_stages(config, exp).get(stage) or {}).get("data") or {}).get(
+                "batch_size") is not None else "train"
+            raise ConfigError(
+                f"config: experiment_settings.{exp}.{where}.data.batch_size: {batch} (stage {stage}) cannot be split "
+                f"over the {world} processes of {key} (nodes {res['nodes']} x gpu {max(1, res['gpu'])}): it is the "
+                f"batch of all processes together and must be a multiple of {world} (keep the global batch with "
+                "accumulate: k, README \"Several nodes\")")
 
 
 def resource_key(config: dict, kind: str, exp: str | None = None) -> str:
@@ -638,30 +767,67 @@ def resource_key(config: dict, kind: str, exp: str | None = None) -> str:
     return f"resources.{kind}"
 
 
-def step_command(python: str, step: str, threads: int, gpu: int, setting: str = "resources.gpu") -> str:
+def slurm_resources(res: dict[str, int]) -> dict[str, Any]:
+    """The Snakemake resources of a job for the SLURM executor plugin, besides threads (``--cpus-per-task``),
+    mem_mb and runtime. One node: ``gpu`` (``--gpus=N``). Several nodes: ``nodes`` (``--nodes``), ``tasks`` =
+    nodes (``--ntasks``: one task per node), ``gres`` = ``gpu:G`` (GPUs per node: ``--gpus=N`` would count the
+    whole job's), ``tasks_per_gpu`` 0 (for a GPU job the plugin would otherwise read ``tasks`` as
+    ``--ntasks-per-gpu``) and ``mpi`` (the plugin then runs the rule's shell in the batch script, on the first node,
+    without wrapping it in a one-task ``srun``: the command starts its own ``srun`` over every node). A key that
+    does not apply is None, which Snakemake leaves out."""
+    if res["nodes"] <= 1:
+        return {"gpu": res["gpu"], "nodes": None, "tasks": None, "tasks_per_gpu": None, "gres": None, "mpi": None}
+    return {"gpu": None, "nodes": res["nodes"], "tasks": res["nodes"], "tasks_per_gpu": 0,
+            "gres": f"gpu:{res['gpu']}", "mpi": "srun"}
+
+
+def step_command(python: str, step: str, threads: int, gpu: int, setting: str = "resources.gpu",
+                 nodes: int = 1) -> str:
     """The shell command, without ``--config``/``--out``, that runs ``cpsl <step>`` with ``threads`` CPU threads
-    on ``gpu`` GPUs; ``setting`` is the config key of ``gpu`` (``resources.train.gpu``), for the error message.
+    on ``gpu`` GPUs (per node) of ``nodes`` nodes; ``setting`` is the config key of ``gpu``
+    (``resources.train.gpu``), for the error messages.
 
     gpu 0 hides every GPU (``CUDA_VISIBLE_DEVICES=``), so the step runs on the CPU. gpu >= 1 means CUDA: it
     first checks that CUDA works with that many GPUs (``python -m cpsl.gpus N SETTING``: one line naming the
     setting, ``torch.version.cuda``, the driver it needs and how to install a matching torch otherwise) and runs
     the step with ``CPSL_DEVICE=cuda`` (``device: auto`` becomes ``cuda``, see ``cpsl.train.dist.pick_device``);
-    gpu 1 runs one process (on the first visible GPU); gpu > 1 (training only) starts one process per GPU with
-    torchrun (``python -m torch.distributed.run --standalone``), each with threads / gpu OpenMP threads. With
-    gpu >= 1 the command is ``<check> && <step>``: a rule's shell must group it to send both to its log.
+    gpu 1 runs one process (on the first visible GPU); gpu > 1 starts one process per GPU with torchrun
+    (``python -m torch.distributed.run --standalone``), each with threads / gpu OpenMP threads. With gpu >= 1 the
+    command is ``<check> && <step>``: a rule's shell must group it to send both to its log.
+
+    nodes > 1 (inside a SLURM job of ``nodes`` nodes, one task each: ``slurm_resources``): ``srun`` starts, on
+    every node (a step with the job's ``threads`` cores and ``gpu`` GPUs per node, named explicitly: the executor
+    plugin hands the job's shell an environment without SLURM's per-job defaults), the CUDA check and
+    ``torchrun --nnodes N --nproc_per_node G`` with c10d rendezvous at the job's first node (``scontrol show
+    hostnames``) on a port derived from the job id; the rule's ``--config``/``--out``
+    reach the step through ``"$@"``. Outside SLURM (no ``SLURM_JOB_ID``) it stops with one line naming the
+    ``nodes`` setting.
     """
     import shlex
 
     py = shlex.quote(python)
     if gpu <= 0:
+        if nodes > 1:
+            raise ValueError(f"cpsl {step} on {nodes} nodes needs gpu >= 1 (got gpu={gpu})")
         return f"OMP_NUM_THREADS={threads} CUDA_VISIBLE_DEVICES= {py} -m cpsl {step}"
     check = f"{py} -m cpsl.gpus {gpu} {shlex.quote(setting)} && "
-    if gpu == 1:
+    if gpu == 1 and nodes == 1:
         return f"{check}OMP_NUM_THREADS={threads} CPSL_DEVICE=cuda {py} -m cpsl {step}"
-    if step != "train":
-        raise ValueError(f"cpsl {step} runs on one GPU at most (got gpu={gpu})")
-    return (f"{check}OMP_NUM_THREADS={max(1, threads // gpu)} CPSL_DEVICE=cuda {py} -m torch.distributed.run "
-            f"--standalone --nproc_per_node {gpu} -m cpsl {step}")
+    env = f"OMP_NUM_THREADS={max(1, threads // gpu)} CPSL_DEVICE=cuda"
+    if nodes == 1:
+        return f"{check}{env} {py} -m torch.distributed.run --standalone --nproc_per_node {gpu} -m cpsl {step}"
+    nodes_key = setting.rpartition(".")[0] + ".nodes" if "." in setting else "resources.nodes"
+    first = '$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n 1)'
+    port = f"$(( {RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN} ))"
+    per_node = (f"{check}{env} {py} -m torch.distributed.run --nnodes {nodes} --nproc_per_node {gpu} "
+                f'--rdzv_backend c10d --rdzv_id "$SLURM_JOB_ID" --rdzv_endpoint "{first}:{port}" '
+                f'-m cpsl {step} "$@"')
+    why = (f"cpsl-pipeline: error: {nodes_key} is {nodes}: a job on several nodes runs only under SLURM "
+           "(snakemake --workflow-profile slurm); set it to 1 to run here")
+    return (f'if [ -z "${{SLURM_JOB_ID:-}}" ]; then echo {shlex.quote(why)} >&2; exit 2; fi; '
+            f"srun --nodes {nodes} --ntasks {nodes} --ntasks-per-node 1 --cpus-per-task={threads} --gres=gpu:{gpu} "
+            "--kill-on-bad-exit=1 "
+            f"bash -c {shlex.quote(per_node)} cpsl-{step}")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

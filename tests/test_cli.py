@@ -7,6 +7,7 @@ import sys
 import yaml
 
 from cpsl import cli
+from cpsl import config as C
 
 
 def run_cli(*args, cwd=None):
@@ -51,6 +52,24 @@ def test_success_records_config_and_run_info(tmp_path, monkeypatch):
     info = json.loads((out / "run_info.json").read_text())
     assert info["step"] == "fake" and info["seed"] == 3 and info["cpsl_version"] == "0.1.0"
     assert info["git_commit"]
+    assert "device" not in info  # synth runs no network
+
+
+def test_run_info_records_the_device_and_what_gpu_auto_resolved_to(tmp_path, monkeypatch):
+    from cpsl import provenance
+
+    monkeypatch.delenv("CPSL_GPU_AUTO", raising=False)
+    assert "gpu_auto" not in provenance.run_info("train", 0, device="cpu")
+    monkeypatch.setenv("CPSL_GPU_AUTO", "0")
+    monkeypatch.setenv("CPSL_GPU_AUTO_REASON", "no NVIDIA driver")
+    info = provenance.run_info("evaluate", None, device="cpu")
+    assert info["device"] == "cpu" and info["gpu_auto"] == {"resolved": 0, "reason": "no NVIDIA driver"}
+    # a step with a device setting records the device it resolves to (no GPU on the test machine)
+    monkeypatch.delenv("CPSL_DEVICE", raising=False)
+    assert cli._device_used(C.EvaluateConfig(checkpoint=tmp_path / "c.pt", data=tmp_path)) == "cpu"
+    monkeypatch.setenv("CPSL_DEVICE", "cuda")  # a GPU job where CUDA is not usable: the step fails, nothing to record
+    assert cli._device_used(C.EvaluateConfig(checkpoint=tmp_path / "c.pt", data=tmp_path)) is None
+    assert cli._device_used(C.SynthConfig()) is None
 
 
 def _fake_step(cfg, out):

@@ -74,3 +74,51 @@ def test_scheduler_drives_group_learning_rates():
     opt2.load_state_dict(opt.state_dict())
     sched2.load_state_dict(sched.state_dict())
     assert sched2.last_epoch == 1001 and opt2.param_groups[0]["lr"] == 0.0
+
+
+def test_adamw_groups_keep_norms_out_of_weight_decay():
+    from cpsl.config import OptimConfig, load
+    from cpsl.train.optim import build_optimizer
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+            self.layer5 = nn.Sequential(nn.Conv2d(4, 4, 1), nn.GroupNorm(2, 4), nn.Conv2d(4, 2, 1, bias=False))
+
+    model = Net()
+    o = load(OptimConfig, {"name": "adamw", "lr": 6e-5, "weight_decay": 0.01, "norm_decay_mult": 0.0,
+                           "betas": [0.9, 0.99]})
+    opt = build_optimizer(model, o, extra_groups=[("prototypes", [nn.Parameter(torch.zeros(2))], 5.0)])
+    assert isinstance(opt, torch.optim.AdamW)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert list(groups) == ["backbone", "backbone_norm", "head", "head_norm", "prototypes"]
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(groups["backbone"]["params"]) == ids(model.backbone[0].parameters())
+    assert ids(groups["backbone_norm"]["params"]) == ids(model.backbone[1].parameters())
+    assert ids(groups["head_norm"]["params"]) == ids(model.layer5[1].parameters())
+    assert ids(groups["head"]["params"]) == ids(model.layer5[0].parameters()) | ids(model.layer5[2].parameters())
+    assert [groups[k]["lr"] for k in groups] == pytest.approx([6e-5, 6e-5, 6e-4, 6e-4, 3e-4])
+    assert [groups[k]["weight_decay"] for k in groups] == [0.01, 0.0, 0.01, 0.0, 0.01]
+    assert groups["head"]["betas"] == (0.9, 0.99)
+    # norm_decay_mult 1 (the default) keeps the two groups of the SGD recipe
+    plain = build_optimizer(model, load(OptimConfig, {"lr": 1e-3}))
+    assert isinstance(plain, torch.optim.SGD) and [g["name"] for g in plain.param_groups] == ["backbone", "head"]
+
+
+def test_linear_warmup_then_poly_by_hand():
+    from cpsl.config import OptimConfig, load
+    from cpsl.train.optim import build_scheduler
+
+    f = PolyFactor(10, power=1.0, warmup_iters=4, warmup_ratio=0.1)
+    # t < 4: (1 - t/10) * (1 - (1 - t/4) * 0.9); from t = 4 on: 1 - t/10
+    assert [f(t) for t in (0, 2, 4, 5, 10, 12)] == pytest.approx([0.1, 0.8 * 0.55, 0.6, 0.5, 0.0, 0.0])
+    p = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([{"name": "g", "params": [p]}], lr=1.0)
+    sched = build_scheduler(opt, 10, load(OptimConfig, {"poly_power": 1.0, "warmup_iters": 4, "warmup_ratio": 0.1}))
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.1, 0.9 * 0.325, 0.8 * 0.55, 0.7 * 0.775, 0.6])

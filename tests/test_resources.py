@@ -3,6 +3,7 @@ several), the visible-GPU check in front of torchrun, and the two workflow profi
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,11 +29,16 @@ def shipped():
 
 # --- resources from config.yaml ----------------------------------------------------------------------------------
 
-def test_shipped_resources_demo_on_cpu_and_paper_presets_on_one_gpu(shipped):
+def test_shipped_resources_demo_on_cpu_and_paper_presets_on_one_gpu(shipped, monkeypatch):
+    monkeypatch.setenv("CPSL_GPU_AUTO", "0")  # gpu: auto as resolved on a machine without a usable GPU
     for kind in W.RULE_KINDS[:-1]:
         demo = W.rule_resources(shipped, kind, "demo")
         # two cores: one thread per job so that two demo jobs run side by side (synth uses both)
         assert demo["gpu"] == 0 and demo["threads"] == (2 if kind == "synth" else 1)
+    assert [shipped["resources"][k]["gpu"] for k in W.RULE_KINDS] == [0, 0, "auto", "auto", "auto", 0]
+    monkeypatch.setenv("CPSL_GPU_AUTO", "1")  # ... and on one with a GPU: the network steps run on it
+    assert {k: W.rule_resources(shipped, k, "demo")["gpu"] for k in W.RULE_KINDS[:-1]} == {
+        "synth": 0, "prepare": 0, "train": 1, "evaluate": 1, "stage_product": 1}
     for exp in ("gta5_cityscapes", "synthia_cityscapes"):
         train = W.rule_resources(shipped, "train", exp)
         assert train["gpu"] == 1 and train["mem_mb"] >= 32000 and train["runtime"] >= 24 * 60
@@ -47,8 +53,10 @@ def test_experiment_settings_override_the_top_level_per_key(shipped):
     shipped["resources"]["train"] = {"threads": 4, "mem_mb": 9000, "runtime": 100, "gpu": 0}
     shipped["experiment_settings"]["demo"]["resources"] = {"train": {"gpu": 2, "runtime": 300}}
     W.check_schema(shipped, SCHEMA)
-    assert W.rule_resources(shipped, "train", "demo") == {"threads": 4, "mem_mb": 9000, "runtime": 300, "gpu": 2}
-    assert W.rule_resources(shipped, "train") == {"threads": 4, "mem_mb": 9000, "runtime": 100, "gpu": 0}
+    assert W.rule_resources(shipped, "train", "demo") == {"threads": 4, "mem_mb": 9000, "runtime": 300, "gpu": 2,
+                                                          "nodes": 1}
+    assert W.rule_resources(shipped, "train") == {"threads": 4, "mem_mb": 9000, "runtime": 100, "gpu": 0,
+                                                  "nodes": 1}
 
 
 def test_built_in_defaults_without_a_resources_section(shipped):
@@ -64,7 +72,8 @@ def test_built_in_defaults_without_a_resources_section(shipped):
     [
         (lambda c: c["resources"]["train"].update(gpus=1), "config: resources.train.gpus: unknown setting"),
         (lambda c: c["resources"].update(training={}), "config: resources.training: unknown setting"),
-        (lambda c: c["resources"]["train"].update(gpu=-1), "config: resources.train.gpu: -1 is less than the minimum"),
+        (lambda c: c["resources"]["train"].update(gpu=-1),
+         "config: resources.train.gpu: -1: expected a number of GPUs (0, 1, 2, ...) or auto"),
         (lambda c: c["resources"]["synth"].update(runtime=0),
          "config: resources.synth.runtime: 0 is less than the minimum of 1"),
         (lambda c: c["resources"]["prepare"].update(threads="many"),
@@ -82,15 +91,80 @@ def test_resource_schema_errors_name_the_key(shipped, edit, message):
     assert str(err.value).startswith(message)
 
 
-def test_only_training_may_use_several_gpus(shipped):
-    shipped["experiment_settings"]["demo"]["resources"] = {"evaluate": {"gpu": 2}}
-    with pytest.raises(ConfigError, match=r"^config: experiment_settings\.demo\.resources\.evaluate\.gpu: 2: only "
-                                          r"training runs on several GPUs"):
+def test_gpu_setting_other_than_a_count_or_auto_names_the_key(shipped):
+    shipped["resources"]["train"]["gpu"] = "gpux"
+    message = r"^config: resources\.train\.gpu: 'gpux': expected a number of GPUs \(0, 1, 2, \.\.\.\) or auto$"
+    with pytest.raises(ConfigError, match=message):
+        W.check_schema(shipped, SCHEMA)
+    with pytest.raises(ConfigError, match=r"^config: resources\.train\.gpu: 'gpux': expected a number of GPUs "
+                                          r"\(0, 1, 2, \.\.\.\) or auto$"):
+        W.rule_resources(shipped, "train", "demo")  # also without the schema (the Snakefile checks both)
+    shipped["resources"]["train"]["gpu"] = True
+    with pytest.raises(ConfigError, match=r"^config: resources\.train\.gpu: True: expected a number of GPUs"):
+        W.check_schema(shipped, SCHEMA)
+
+
+def test_gpu_auto_resolves_once_from_what_cuda_says(monkeypatch):
+    from cpsl import gpus
+
+    env: dict[str, str] = {}
+    assert gpus.resolve_auto(env, _facts()) == (1, "one CUDA device (NVIDIA A100-SXM4-40GB; 2 visible)")
+    # stored for the jobs, and the stored answer wins afterwards (one answer per run)
+    assert env == {"CPSL_GPU_AUTO": "1", "CPSL_GPU_AUTO_REASON": "one CUDA device (NVIDIA A100-SXM4-40GB; 2 visible)"}
+    assert gpus.resolve_auto(env, _facts(available=False, count=0, devices=())) == (1, env["CPSL_GPU_AUTO_REASON"])
+    # a CUDA build the driver is too old for, or a GPU the build has no kernels for: the CPU, and why
+    env = {}
+    answer, why = gpus.resolve_auto(env, _facts(available=False, count=0, driver="535.104.05", devices=()))
+    assert answer == 0 and why.startswith("CUDA is not usable (gpu: auto is 1 but CUDA is not usable: torch "
+                                          "2.14.1+cu130 is built for CUDA 13.0") and why.endswith("): the CPU")
+    v100 = _facts(count=1, devices=(("Tesla V100-SXM2-16GB", (7, 0)),))
+    assert gpus.resolve_auto({}, v100)[0] == 0
+    assert gpus.resolve_auto({}, _facts(cuda=None, available=False, count=0, devices=()))[0] == 0
+    # no NVIDIA driver at all: 0 without asking torch
+    monkeypatch.setattr(gpus, "_driver_version", lambda: None)
+    monkeypatch.setattr(gpus, "cuda_facts", lambda: pytest.fail("torch consulted without a driver"))
+    env = {}
+    assert gpus.resolve_auto(env) == (0, "no NVIDIA driver is loaded here (no /proc/driver/nvidia/version): the CPU")
+    assert env["CPSL_GPU_AUTO"] == "0"
+
+
+@pytest.mark.parametrize("answer", ["0", "1"])
+def test_gpu_auto_decides_the_job_commands(tmp_path, answer):
+    """The demo's shell commands under both answers of gpu: auto (a dry run; the answer mocked through the
+    variable that the run's first resolution sets)."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    env = {**os.environ, "CPSL_GPU_AUTO": answer, "CPSL_GPU_AUTO_REASON": "mocked"}
+    res = subprocess.run([str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "--configfile",
+                          str(REPO / "config.yaml"), str(tmp_path / "tiny.yaml"), "-n", "-p", "--cores", "2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [line for line in res.stdout.splitlines() if " -m cpsl " in line]
+    train = [line for line in lines if " -m cpsl train " in line]
+    products = [line for line in lines if re.search(r" -m cpsl (evaluate|pseudo-soft|prototypes|class-dist) ", line)]
+    data = [line for line in lines if re.search(r" -m cpsl (synth|prepare|collect) ", line)]
+    assert len(train) == 6 and products and len(data) >= 3
+    for line in data:
+        assert "CUDA_VISIBLE_DEVICES= " in line and "cpsl.gpus" not in line
+    for line in train + products:
+        if answer == "1":
+            assert "-m cpsl.gpus 1 resources." in line and "CPSL_DEVICE=cuda" in line, line
+        else:
+            assert "CUDA_VISIBLE_DEVICES= " in line and "cpsl.gpus" not in line, line
+
+
+def test_only_the_network_steps_may_use_several_gpus(shipped):
+    shipped["experiment_settings"]["demo"]["resources"] = {"prepare": {"gpu": 2}}
+    with pytest.raises(ConfigError, match=r"^config: experiment_settings\.demo\.resources\.prepare\.gpu: 2: only "
+                                          r"training and the inference steps \(evaluate, stage_product\) run on "
+                                          r"several GPUs"):
         W.check_resources(shipped)
     shipped["experiment_settings"]["demo"]["resources"] = {}
-    shipped["resources"]["stage_product"]["gpu"] = 4
-    with pytest.raises(ConfigError, match=r"^config: resources\.stage_product\.gpu: 4"):
+    shipped["resources"]["collect"]["gpu"] = 4
+    with pytest.raises(ConfigError, match=r"^config: resources\.collect\.gpu: 4"):
         W.check_resources(shipped)
+    shipped["resources"]["collect"]["gpu"] = 0
+    shipped["resources"]["evaluate"]["gpu"] = shipped["resources"]["stage_product"]["gpu"] = 4  # sharded: allowed
+    assert W.check_resources(shipped)["demo/stage_product"]["gpu"] == 4
 
 
 # --- the launch command ------------------------------------------------------------------------------------------
@@ -108,8 +182,9 @@ def test_step_command_cpu_one_gpu_and_torchrun():
     # at least one thread per process; a Python path with a space stays one word
     assert "OMP_NUM_THREADS=1 CPSL_DEVICE=cuda '/my venv/python' -m torch.distributed.run" in W.step_command(
         "/my venv/python", "train", 1, 2)
-    with pytest.raises(ValueError, match="one GPU at most"):
-        W.step_command("/v/bin/python", "pseudo-hard", 2, 2)
+    # the inference steps shard their images over the processes in the same way
+    assert W.step_command("/v/bin/python", "pseudo-hard", 2, 2).endswith(
+        "-m torch.distributed.run --standalone --nproc_per_node 2 -m cpsl pseudo-hard")
 
 
 def test_resource_key_names_the_setting_in_effect(shipped):
@@ -271,7 +346,8 @@ def test_a_bad_resource_setting_stops_the_workflow_with_one_line(tmp_path):
                           str(REPO / "config.yaml"), str(tmp_path / "tiny.yaml"), "-n"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
-    assert "cpsl-pipeline: error: config: resources.train.gpu: 'two' is not of type 'integer'" in res.stderr
+    assert ("cpsl-pipeline: error: config: resources.train.gpu: 'two': expected a number of GPUs (0, 1, 2, ...) "
+            "or auto") in res.stderr
 
 
 # --- profiles ----------------------------------------------------------------------------------------------------

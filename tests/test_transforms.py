@@ -27,8 +27,6 @@ from cpsl.data.transforms import (
     full_to_weak,
     full_to_weak_batch,
     hflip_matrix,
-    lab_stats,
-    lab_transfer,
     random_colors,
     rotate_matrix,
     scale_matrix,
@@ -40,6 +38,7 @@ from cpsl.data.transforms import (
     weak_augment,
     weak_params_from_batch,
 )
+from cpsl.data.lab import lab_stats, lab_transfer
 from cpsl.labels import IGNORE_INDEX
 
 @pytest.fixture(autouse=True, scope="module")

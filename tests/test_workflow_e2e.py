@@ -73,7 +73,14 @@ def test_demo_workflow_builds_the_results_table(demo_run):
     # each step recorded what it ran with
     recorded = yaml.safe_load((res / "demo/seed0/warmup/config.yaml").read_text())
     assert recorded["stage"] == "warmup" and recorded["max_iters"] == 3
-    assert json.loads((res / "demo/seed0/warmup/run_info.json").read_text())["step"] == "train"
+    info = json.loads((res / "demo/seed0/warmup/run_info.json").read_text())
+    assert info["step"] == "train"
+    # gpu: auto, resolved once for the run: the device each network step ran on follows that answer
+    auto = info["gpu_auto"]
+    assert auto["resolved"] in (0, 1) and auto["reason"]
+    for path in ("warmup/run_info.json", "stage1/run_info.json", "warmup/pseudo_soft/run_info.json"):
+        other = json.loads((res / "demo/seed0" / path).read_text())
+        assert other["gpu_auto"] == auto and other["device"].startswith("cuda:0" if auto["resolved"] else "cpu")
     # the stage-1 inputs from the warm-up model exist in their formats
     assert (res / "demo/seed0/warmup/prototypes/prototypes.pt").is_file()
     assert (res / "demo/seed0/warmup/class_dist/class_distribution.npy").is_file()

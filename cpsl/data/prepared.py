@@ -108,14 +108,24 @@ class PreparedSplit:
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Image (uint8 H x W x 3, RGB) and train-id label (uint8 H x W; all 255 = ignore in an unlabelled split)
         of sample ``i``."""
-        image = read_image(self.image_paths[i], self.image_bits)
+        image = self.load_image(i)
+        return image, self.load_label(i, image.shape[:2])
+
+    def load_image(self, i: int) -> np.ndarray:
+        """Image of sample ``i`` (uint8 H x W x 3, RGB), without its label (a training domain that does not
+        train on its labels never decodes them)."""
+        return read_image(self.image_paths[i], self.image_bits)
+
+    def load_label(self, i: int, image_hw: tuple[int, int]) -> np.ndarray:
+        """Train-id label of sample ``i`` (uint8 H x W; all 255 = ignore in an unlabelled split), checked against
+        its image's size ``image_hw``."""
         path = self.label_paths[i]
         if path is None:
-            return image, np.full(image.shape[:2], 255, np.uint8)
+            return np.full(image_hw, 255, np.uint8)
         label = read_train_id_png(path)
-        if image.shape[:2] != label.shape:
-            raise DataError(f"{self.label_paths[i]}: label is {label.shape} but image is {image.shape[:2]}")
-        return image, label
+        if tuple(image_hw) != label.shape:
+            raise DataError(f"{path}: label is {label.shape} but image is {tuple(image_hw)}")
+        return label
 
 
 class PreparedDataset(Dataset):

@@ -199,6 +199,12 @@ def load_hard(root: str | Path, name: str, threshold: float | None = None) -> np
     if conf_q.shape != label.shape:
         raise DataError(f"{hard_paths(root, name)['conf']}: shape {conf_q.shape} differs from the label's "
                         f"{label.shape}")
+    return threshold_hard(label, conf_q, threshold)
+
+
+def threshold_hard(label: np.ndarray, conf_q: np.ndarray, threshold: float) -> np.ndarray:
+    """A copy of ``label`` with 255 where the stored confidence ``conf_q`` (uint16, same shape) is
+    ``<= threshold * 65535``: the threshold rule of ``load_hard``, for any crop of the two maps."""
     label = label.copy()
     label[conf_q <= threshold * CONF_LEVELS] = IGNORE_INDEX
     return label

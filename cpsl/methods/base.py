@@ -1,8 +1,10 @@
 """What every training method shares: the run context (device, processes, AMP), the student, the interface.
 
-A method owns its networks, optimizers and schedulers and does a whole iteration in ``step(batch)``: forward
-passes, losses, backward passes and optimizer steps (one or several), returning the loss values as detached 0-d
-tensors on the device (the loop reads them on the host only when it logs; plain numbers for host-side flags).
+A method owns its networks, optimizers and schedulers and does a whole iteration (one optimizer step) in
+``step(batches)``: the forward and backward passes of each of the ``accumulate`` micro-batches
+(``forward_backward``), then the optimizer steps (``optimizer_step``: one or several), returning the loss values
+as detached 0-d tensors on the device (the loop reads them on the host only when it logs; plain numbers for
+host-side flags).
 The loop (``cpsl.train.loop``) steps the schedulers, logs, checks for NaN and checkpoints. ``state_dict`` /
 ``load_state_dict`` give the checkpoint entries (cpsl.models.checkpoint keys: ``model``, ``optimizer``,
 ``scheduler``, ``discriminator``, ``disc_optimizer``, ...).
@@ -11,7 +13,7 @@ The loop (``cpsl.train.loop``) steps the schedulers, logs, checks for NaN and ch
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,11 +21,12 @@ from torch import nn
 
 from cpsl.config import TrainConfig
 from cpsl.errors import CheckpointError
+from cpsl.labels import IGNORE_INDEX
 from cpsl.models import build_model, convert_sync_bn, freeze_bn, place
 from cpsl.methods.shares import ShareMonitor
 from cpsl.models.checkpoint import check_model_fits, load_checkpoint, load_model_state
 from cpsl.train.dist import DistInfo
-from cpsl.train.optim import build_sgd, poly_scheduler
+from cpsl.train.optim import build_optimizer, build_scheduler
 
 
 class Amp:
@@ -66,6 +69,37 @@ class Amp:
 
 
 @dataclass
+class Micro:
+    """Where a forward/backward pass sits in its optimizer step (``accumulate: k``): micro-batch ``index`` of
+    ``count``, and ``counts``, this rank's valid-pixel counts over the whole step by name (``Method.step_counts``;
+    empty when ``count`` is 1), so that a pixel mean is taken over the step's pixels, as one batch of k times the
+    size would take it."""
+
+    index: int = 0
+    count: int = 1
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def last(self) -> bool:
+        """The step's last micro-batch: its backward pass all-reduces the accumulated gradients under DDP."""
+        return self.index == self.count - 1
+
+    @property
+    def scale(self) -> float:
+        """The factor of a loss that is a mean over the micro-batch's images (or pixels, see ``count_for``)."""
+        return 1.0 / self.count
+
+    def count_for(self, name: str) -> torch.Tensor | None:
+        """The step's count ``name`` to divide a pixel sum by (None: the micro-batch's own count, k = 1)."""
+        return self.counts.get(name)
+
+
+def scaled(loss: torch.Tensor, factor: float) -> torch.Tensor:
+    """``factor * loss``; ``loss`` itself for 1 (so runs without accumulation compute exactly what they did)."""
+    return loss if factor == 1.0 else loss * factor
+
+
+@dataclass
 class TrainContext:
     """Where and how a method runs: the device, the process group (``DistInfo``) and the AMP helper."""
 
@@ -88,8 +122,8 @@ class TrainContext:
 
 def build_student(cfg: TrainConfig, ctx: TrainContext) -> nn.Module:
     """The segmentation network: ``model.init`` weights or ``init_checkpoint``, SyncBN under multi-GPU DDP
-    (``model.sync_bn``), frozen BatchNorm when ``freeze_bn``, on the run's device (``place``: channels_last on
-    CUDA)."""
+    (``model.sync_bn``), frozen BatchNorm when ``freeze_bn``, on the run's device (``place``: the
+    ``channels_last`` setting)."""
     model = build_model(cfg.model)
     if cfg.init_checkpoint is not None:
         state = load_checkpoint(cfg.init_checkpoint)
@@ -99,7 +133,7 @@ def build_student(cfg: TrainConfig, ctx: TrainContext) -> nn.Module:
         model = convert_sync_bn(model)
     if cfg.freeze_bn:
         freeze_bn(model)
-    return place(model, ctx.device)
+    return place(model, ctx.device, cfg.channels_last)
 
 
 def student_init(cfg: TrainConfig) -> str:
@@ -137,13 +171,10 @@ class Method:
         self.student = build_student(cfg, ctx)
         self.net = ctx.wrap(self.student)
         o = cfg.optim
-        self.optimizer = build_sgd(self.student, o.lr, head_lr_mult=o.head_lr_mult,
-                                   backbone_lr_mult=o.backbone_lr_mult, momentum=o.momentum,
-                                   weight_decay=o.weight_decay)
+        self.optimizer = build_optimizer(self.student, o)
         self.nets: dict[str, nn.Module] = {"model": self.student}
         self.optimizers: dict[str, torch.optim.Optimizer] = {"optimizer": self.optimizer}
-        self.schedulers: dict[str, Any] = {"student": poly_scheduler(self.optimizer, cfg.max_iters,
-                                                                     o.poly_power)}
+        self.schedulers: dict[str, Any] = {"student": build_scheduler(self.optimizer, cfg.max_iters, o)}
         self.shares: ShareMonitor | None = None   # set by the stages with a teacher (cpsl.methods.shares)
 
     def share_monitor(self, marginal: torch.Tensor | None) -> ShareMonitor:
@@ -164,9 +195,65 @@ class Method:
         if self.cfg.freeze_bn:
             freeze_bn(self.student)
 
-    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """One iteration; ``{name: detached 0-d loss tensor, or a number}``."""
+    def step(self, batches: list[dict[str, dict[str, Any]]] | dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """One iteration = one optimizer step over ``batches``, the step's k micro-batches (``accumulate``; one
+        batch dict for k = 1); returns ``{name: detached 0-d loss tensor, or a number}``.
+
+        Per micro-batch (``forward_backward``): the forward passes, the losses and their backward passes, the
+        gradients accumulating in ``.grad``; under DDP all but the last micro-batch run under ``no_sync``, so the
+        gradients are all-reduced once per step. Each loss is a micro-batch's share of the step's loss: a mean
+        over images is scaled by 1/k (``Micro.scale``), a mean over valid pixels is divided by the valid pixels of
+        the whole step where the method can count them before the passes (``step_counts``: the labels of the
+        batch), so that the step's gradient equals that of one batch of k times the size (BatchNorm in train mode
+        excepted: it normalises with each micro-batch's statistics). Per step (``optimizer_step``): the optimizer
+        steps, EMA updates. The returned losses are summed over the micro-batches (the step's loss), the numbers
+        averaged.
+        """
+        if isinstance(batches, dict):
+            batches = [batches]
+        k = len(batches)
+        counts = self.begin_step(batches)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        total: dict[str, Any] = {}
+        for j, batch in enumerate(batches):
+            micro = Micro(j, k, counts)
+            with self.no_sync(not micro.last):
+                losses = self.forward_backward(batch, micro)
+            for name, value in losses.items():
+                total[name] = value if name not in total else total[name] + value
+        self.optimizer_step()
+        return {name: v if isinstance(v, torch.Tensor) else v / k for name, v in total.items()}
+
+    def begin_step(self, batches: list[dict[str, dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        """Before the step's first forward pass: its ``Micro.counts`` (``step_counts`` when k > 1, else none).
+        Subclasses draw the step's random numbers here too."""
+        return self.step_counts(batches) if len(batches) > 1 else {}
+
+    def forward_backward(self, batch: dict[str, dict[str, Any]], micro: Micro) -> dict[str, Any]:
+        """The forward and backward passes of one micro-batch (no optimizer step); its share of each loss
+        (detached), or host numbers."""
         raise NotImplementedError
+
+    def optimizer_step(self) -> None:
+        """After the step's last backward pass: the optimizer steps (the base: the student's SGD)."""
+        self.amp.step(self.optimizer)
+
+    def step_counts(self, batches: list[dict[str, dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        """This rank's valid-pixel counts over the step's micro-batches (k > 1), by name: ``label/<domain>`` for
+        every domain with labels. Subclasses add the counts of their own targets."""
+        return {f"label/{domain}": sum((b[domain]["label"] != IGNORE_INDEX).sum() for b in batches)
+                for domain in batches[0] if "label" in batches[0][domain]}
+
+    def no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
+        """Every DDP-wrapped network of the method under ``no_sync`` when ``skip`` (its backward passes keep their
+        gradients local); else nothing."""
+        stack = contextlib.ExitStack()
+        if skip:
+            for module in vars(self).values():
+                if isinstance(module, nn.parallel.DistributedDataParallel):
+                    stack.enter_context(module.no_sync())
+        return stack
 
     def lrs(self) -> dict[str, float]:
         """Current learning rate of every parameter group, ``{group name: lr}``."""

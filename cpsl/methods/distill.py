@@ -12,9 +12,9 @@ weak crop with ``distill.strong_view: false``)::
 ``up`` is the bilinear ``align_corners=True`` upsampling of the logits (``losses.upsample``), as in every stage.
 
 Hard pseudo labels (``cpsl pseudo-hard`` folder of the previous stage's model, flip-averaged, spec 3.2) are read
-per sample by ``HardLabelExtras`` in the data workers with the confidence threshold applied when loading
-(``pseudo.load_hard``: ``conf <= threshold`` -> 255), and carried into the weak crop exactly like the image's
-label (``weak_label``: the same nearest resize, crop with 255 padding and flip as ``transforms.apply_weak``).
+per sample by ``HardLabelExtras`` in the data workers, carried into the weak crop exactly like the image's
+label (``transforms.weak_label``: the same nearest resize, crop with 255 padding and flip as ``apply_weak``), with
+the confidence threshold applied there (``pseudo.threshold_hard``: ``conf <= threshold`` -> 255).
 They reach the batch as ``pseudo_label`` (uint8, crop size). In ``step`` they are reduced to
 1/``label_stride`` of the crop by taking the pixel under each cell's centre (``downsample_labels``; the
 reference takes each cell's top-left pixel with ``F.interpolate(nearest)``), then warped into the strong view
@@ -51,6 +51,10 @@ Differences from the reference, on purpose:
 * the two CE terms and KD are summed and back-propagated once (the reference backpropagates ``ce_source``
   first to free memory: the same gradients);
 * ``kl`` mode is the corrected KD (the paper presets select ``reference``).
+
+``accumulate: k``: the pseudo targets of the step's k micro-batches are built first (``step_counts``), so that
+both CE terms and the ``kl`` KD divide by the valid pixels of the whole step: with frozen BatchNorm the step
+equals one of a k times larger batch (``tests/test_accumulate.py``).
 """
 
 from __future__ import annotations
@@ -63,18 +67,17 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from cpsl.config import TrainConfig
 from cpsl.data import pseudo
 from cpsl.data.prepared import PreparedSplit
 from cpsl.data.transforms import (WeakParams, full_to_weak_batch, strong_params_from_batch, warp_maps_batch,
-                                  weak_params_from_batch)
+                                  weak_label, weak_params_from_batch)
 from cpsl.errors import ConfigError, DataError
 from cpsl.inference import load_model_from_checkpoint
 from cpsl.labels import IGNORE_INDEX
-from cpsl.methods.base import Method, TrainContext, set_requires_grad
+from cpsl.methods.base import Method, Micro, TrainContext, scaled, set_requires_grad
 from cpsl.methods.losses import class_divisor, global_mean, seg_cross_entropy, upsample
 from cpsl.methods.selflabel import load_class_marginal
 from cpsl.train.dist import host_to_device
@@ -84,25 +87,6 @@ KD_MODES = ("kl", "reference")
 
 # ---------------------------------------------------------------------------------------------------------
 # Hard pseudo labels in the data pipeline
-
-
-def weak_label(label: np.ndarray, params: WeakParams) -> np.ndarray:
-    """A label map of the full image carried into the weak crop exactly as ``transforms.apply_weak`` carries the
-    image's label: PIL nearest resize to ``scaled_hw``, crop (255 where the box passes the scaled image), flip.
-
-    Without touching an image (``apply_weak`` needs one). uint8 (H, W) in, uint8 (crop h, crop w) out.
-    """
-    label = np.asarray(label)
-    if label.shape[:2] != tuple(params.orig_hw):
-        raise ValueError(f"label is {label.shape[0]}x{label.shape[1]}, the image is "
-                         f"{params.orig_hw[0]}x{params.orig_hw[1]}")
-    hs, ws = params.scaled_hw
-    y1, x1, ch, cw = params.crop
-    scaled = np.asarray(Image.fromarray(label.astype(np.uint8)).resize((ws, hs), Image.Resampling.NEAREST))
-    out = np.full((ch, cw), IGNORE_INDEX, np.uint8)
-    sub = scaled[y1:y1 + ch, x1:x1 + cw]
-    out[:sub.shape[0], :sub.shape[1]] = sub
-    return out[:, ::-1].copy() if params.flip else out
 
 
 def check_hard_labels(root: str | Path, split: PreparedSplit, n_class: int, key: str = "distill.hard_labels"
@@ -147,12 +131,18 @@ class HardLabelExtras:
 
     def __call__(self, index: int, params: WeakParams, rng: np.random.Generator) -> dict[str, Any]:
         name = self.names[index]
-        label = pseudo.load_hard(self.root, name, self.threshold)
+        label = pseudo.load_hard(self.root, name)
         if label.shape != tuple(params.orig_hw):
             raise DataError(f"{pseudo.hard_paths(self.root, name)['label']}: hard pseudo label is "
                             f"{label.shape[0]}x{label.shape[1]}, the image is {params.orig_hw[0]}x"
                             f"{params.orig_hw[1]} (made from another split or at another size?)")
-        return {"pseudo_label": torch.from_numpy(weak_label(label, params))}
+        conf = pseudo.load_hard_conf(self.root, name)
+        if conf.shape != label.shape:
+            raise DataError(f"{pseudo.hard_paths(self.root, name)['conf']}: shape {conf.shape} differs from the "
+                            f"label's {label.shape}")
+        # crop both maps first, then threshold: the same pixels as thresholding the whole map (load_hard)
+        crop = pseudo.threshold_hard(weak_label(label, params), weak_label(conf, params), self.threshold)
+        return {"pseudo_label": torch.from_numpy(crop)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -208,9 +198,10 @@ def pseudo_targets(target: dict[str, Any], stride: int, strong_view: bool) -> tu
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-          valid: torch.Tensor | None = None) -> torch.Tensor:
+          valid: torch.Tensor | None = None, count: torch.Tensor | None = None) -> torch.Tensor:
     """``KL(teacher || student)`` per pixel (summed over classes), averaged over the valid pixels of the global
-    batch (the ``seg_cross_entropy`` normalisation under DDP); 0 when no pixel is valid.
+    batch (the ``seg_cross_entropy`` normalisation under DDP); 0 when no pixel is valid. ``count``: divide by
+    this count of valid pixels instead (those of an accumulated step's micro-batches).
 
     Both arguments are logits (B, C, h, w) at the same resolution; the teacher's carry no gradient. Computed in
     float32 on log-probabilities (``log_softmax``), so it is exactly 0 when the logits are equal.
@@ -220,7 +211,7 @@ def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     per_pixel = (log_t.exp() * (log_t - log_s)).sum(1)
     if valid is None:
         valid = torch.ones_like(per_pixel, dtype=torch.bool)
-    return global_mean((per_pixel * valid).sum(), valid.sum())
+    return global_mean((per_pixel * valid).sum(), valid.sum() if count is None else count)
 
 
 def kd_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divisor: float) -> torch.Tensor:
@@ -238,11 +229,12 @@ def kd_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, div
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor | None,
-            mode: str = "kl", divisor: float | None = None) -> torch.Tensor:
-    """``kd_kl`` (mode ``kl``, masked by ``valid``; free of the class count) or ``kd_reference`` (mode
-    ``reference``, no mask, divided by ``divisor``: required in that mode, see ``losses.class_divisor``)."""
+            mode: str = "kl", divisor: float | None = None, count: torch.Tensor | None = None) -> torch.Tensor:
+    """``kd_kl`` (mode ``kl``, masked by ``valid``, divided by ``count`` when given; free of the class count) or
+    ``kd_reference`` (mode ``reference``, no mask, divided by ``divisor``: required in that mode, see
+    ``losses.class_divisor``)."""
     if mode == "kl":
-        return kd_kl(student_logits, teacher_logits, valid)
+        return kd_kl(student_logits, teacher_logits, valid, count)
     if mode == "reference":
         if divisor is None:
             raise ValueError("kd_loss: mode 'reference' needs the class divisor (losses.class_divisor)")
@@ -254,14 +246,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: t
 # The method
 
 
-def load_teacher(path: str | Path, n_class: int, device: torch.device, key: str = "distill.teacher"
-                 ) -> tuple[nn.Module, bool]:
-    """The teacher network from its ``checkpoint.pt``: eval mode, no gradients, on ``device``; and whether it
-    has ``bn_pretrain``, which is read from the checkpoint's ``model_config`` (never a setting)."""
+def load_teacher(path: str | Path, n_class: int, device: torch.device, key: str = "distill.teacher",
+                 channels_last: bool | str = "auto") -> tuple[nn.Module, bool]:
+    """The teacher network from its ``checkpoint.pt``: eval mode, no gradients, on ``device`` (in the
+    ``channels_last`` format of the stage); and whether it has ``bn_pretrain``, which is read from the
+    checkpoint's ``model_config`` (never a setting)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{key}: checkpoint file not found: {path}")
-    model, mcfg, _ = load_model_from_checkpoint(path, device)
+    model, mcfg, _ = load_model_from_checkpoint(path, device, channels_last)
     if mcfg.n_class != n_class:
         raise ConfigError(f"{key}: {path} has {mcfg.n_class} classes, model.n_class is {n_class}")
     set_requires_grad(model, False)
@@ -282,9 +275,11 @@ class Distill(Method):
             raise ConfigError(f"data.target: required for stage {cfg.stage!r} (a prepared target train split)")
         target = PreparedSplit(cfg.data.target)
         check_hard_labels(d.hard_labels, target, cfg.model.n_class)
-        self.teacher, self.teacher_bn_pretrain = load_teacher(d.teacher, cfg.model.n_class, ctx.device)
+        self.teacher, self.teacher_bn_pretrain = load_teacher(d.teacher, cfg.model.n_class, ctx.device,
+                                                              channels_last=cfg.channels_last)
         marginal = None if d.class_dist is None else load_class_marginal(d.class_dist, cfg.model.n_class)
         self.share_monitor(marginal)
+        self._targets: list[tuple[torch.Tensor, torch.Tensor]] = []   # the step's pseudo targets (accumulate > 1)
         views = ("weak", "strong") if d.strong_view else ("weak",)
         self.domains = {
             "source": {"label": True},
@@ -301,32 +296,53 @@ class Distill(Method):
         return {**super().describe(), "teacher": str(d.teacher), "teacher_bn_pretrain": self.teacher_bn_pretrain,
                 "hard_labels": str(d.hard_labels), "kd_mode": d.kd_mode}
 
-    def losses(self, batch: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """``{"ce_source", "ce_pseudo", "kd"}`` of one batch (differentiable w.r.t. the student)."""
+    def step_counts(self, batches: list[dict[str, dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        """The base counts plus the valid pixels of the pseudo labels (``pseudo``) and of the KD mask (``kd``)
+        over the step's micro-batches; their targets are kept for ``losses``."""
+        counts = super().step_counts(batches)
         d = self.cfg.distill
+        self._targets = [pseudo_targets(b["target"], d.label_stride, d.strong_view) for b in batches]
+        counts["pseudo"] = sum((labels != IGNORE_INDEX).sum() for labels, _ in self._targets)
+        counts["kd"] = sum(valid.sum() for _, valid in self._targets)
+        return counts
+
+    def losses(self, batch: dict[str, dict[str, Any]], micro: Micro | None = None) -> dict[str, torch.Tensor]:
+        """``{"ce_source", "ce_pseudo", "kd"}`` of one batch (differentiable w.r.t. the student); with ``micro``
+        (``accumulate: k``) the micro-batch's shares of the step's means: the pixel means divided by the step's
+        valid pixels (``step_counts``), the ``reference`` KD (a mean over all pixels) by k."""
+        d = self.cfg.distill
+        micro = micro or Micro()
         src, tgt = batch["source"], batch["target"]
         image = tgt["image_strong"] if d.strong_view else tgt["image"]
-        labels, valid = pseudo_targets(tgt, d.label_stride, d.strong_view)
+        if micro.counts:
+            labels, valid = self._targets[micro.index]
+        else:
+            labels, valid = pseudo_targets(tgt, d.label_stride, d.strong_view)
         size = labels.shape[-2:]
         with torch.no_grad(), self.amp.autocast():
             t_logits = upsample(self.teacher(image)["out"], size).float()
         with self.amp.autocast():
             ps = upsample(self.net(src["image"])["out"], src["label"].shape[-2:])
-            ce_source = seg_cross_entropy(ps, src["label"])
+            ce_source = seg_cross_entropy(ps, src["label"], count=micro.count_for("label/source"))
             s_logits = upsample(self.net(image)["out"], size)
-            ce_pseudo = seg_cross_entropy(s_logits, labels)
+            ce_pseudo = seg_cross_entropy(s_logits, labels, count=micro.count_for("pseudo"))
         self.shares.add(s_logits.detach().argmax(1), t_logits.argmax(1), valid)
         kd = kd_loss(s_logits, t_logits, valid, d.kd_mode,
-                     class_divisor(self.cfg.model.n_class, self.cfg.reference_class_scaling))
+                     class_divisor(self.cfg.model.n_class, self.cfg.reference_class_scaling),
+                     count=micro.count_for("kd"))
+        if d.kd_mode == "reference":
+            kd = scaled(kd, micro.scale)
         return {"ce_source": ce_source, "ce_pseudo": ce_pseudo, "kd": kd}
 
-    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        losses = self.losses(batch)
+    def forward_backward(self, batch: dict[str, dict[str, Any]], micro: Micro) -> dict[str, Any]:
+        losses = self.losses(batch, micro)
         total = losses["ce_source"] + losses["ce_pseudo"] + self.cfg.distill.kd_weight * losses["kd"]
-        self.optimizer.zero_grad(set_to_none=True)
         self.amp.backward(total)
-        self.amp.step(self.optimizer)
         return {k: v.detach() for k, v in losses.items()}
+
+    def optimizer_step(self) -> None:
+        super().optimizer_step()
+        self._targets = []
 
 
 class Stage2(Distill):

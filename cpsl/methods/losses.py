@@ -94,16 +94,19 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def seg_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def seg_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                      count: torch.Tensor | None = None) -> torch.Tensor:
     """Pixel cross-entropy averaged over the valid (non-ignored) pixels of the whole *global* batch.
 
     On one process this is ``F.cross_entropy(..., ignore_index)`` with mean reduction (but 0, not NaN, when
     every pixel is ignored). Under DDP the valid-pixel count is summed over the ranks, and the local sum is
     divided by ``count / world_size``: after DDP averages the gradients, they equal those of the mean over
     the global batch, as the reference's DataParallel computes it, whatever the per-rank counts are.
+    ``count``: divide by this (per-rank) count instead of ``target``'s own: the valid pixels of every
+    micro-batch of an accumulated step (``cpsl.methods.base.Micro``).
     """
     loss_sum = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
-    return global_mean(loss_sum, (target != ignore_index).sum())
+    return global_mean(loss_sum, (target != ignore_index).sum() if count is None else count)
 
 
 def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

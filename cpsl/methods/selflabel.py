@@ -66,6 +66,19 @@ Where we differ from the reference on purpose (spec 7, 9), and the switches that
 * the student's weak and strong forward passes each get their own backward (the same gradient as one backward
   of the sum; less memory); under DDP all but the last accumulate locally (``no_sync``), so the gradients are
   all-reduced once per iteration.
+
+``accumulate: k`` (one optimizer step over k micro-batches). Per step: the CutMix decision and box (one for the
+step's images, as for one batch) and the pixel keys (drawn for all the step's images, each micro-batch takes its
+rows), the SGD step, the EMA of the weights and of the prototypes, the DDP all-reduce (the last backward of
+the last micro-batch). Per micro-batch, in order: the source CE (divided by the step's valid source pixels: as
+one batch), the EMA teacher, the rectified labels, the queue pushes with their Sinkhorn and L_SL (image by image
+as for one batch, so the same as one batch: the prototypes do not change within the step), L_CTS, the
+contrastive and consistency terms. The micro-batch means (L_CTS, L_cons over valid pixels; L_SL, L_con over
+images) are scaled by 1/k: L_SL equals one batch's (with ``reference_queue_labels`` each micro-batch draws its
+own pixel permutation, as the reference draws one per batch); L_CTS and L_cons equal it when the micro-batches
+have equal numbers of valid pixels; L_con reads the queue after its own micro-batch's pushes, not after the
+whole step's, and starts when the queue was full before a push of its micro-batch. BatchNorm in train mode (the
+student, and the EMA network with ``ema_mode: train``) normalises with each micro-batch's statistics.
 """
 
 from __future__ import annotations
@@ -92,14 +105,14 @@ from cpsl.data.transforms import (StrongParams, WeakParams, full_to_weak, full_t
 from cpsl.errors import CheckpointError, ConfigError, DataError
 from cpsl.inference import normalize_image
 from cpsl.labels import IGNORE_INDEX
-from cpsl.methods.base import Method, TrainContext, set_requires_grad
+from cpsl.methods.base import Method, Micro, TrainContext, scaled, set_requires_grad
 from cpsl.methods.losses import (class_divisor, logit_sinkhorn_epsilon, seg_cross_entropy, sinkhorn_iterations,
                                  upsample)
 from cpsl.methods.sinkhorn import PixelQueue, safe_normalize, self_label_loss
 from cpsl.models import freeze_bn, revert_sync_bn
 from cpsl.train.data import _seed_int
 from cpsl.train.dist import all_gather_cat, all_reduce_mean_, host_to_device
-from cpsl.train.optim import build_sgd, poly_scheduler
+from cpsl.train.optim import build_optimizer, build_scheduler
 
 RCE_LOG_CLAMP = 1e-4     # log clamp(onehot, 1e-4, 1): -log(1e-4) = 9.2103 per unit of wrong-class mass
 RCE_PROB_CLAMP = 1e-7
@@ -413,7 +426,9 @@ def ema_update(ema: nn.Module, student: nn.Module, momentum: float) -> None:
     ema_params, params = list(ema.parameters()), [p.detach() for p in student.parameters()]
     torch._foreach_mul_(ema_params, momentum)
     torch._foreach_add_(ema_params, params, alpha=1.0 - momentum)
-    torch._foreach_copy_(list(ema.buffers()), list(student.buffers()))
+    buffers = list(ema.buffers())
+    if buffers:   # a network without BatchNorm (MiT: LayerNorm / GroupNorm only) has none
+        torch._foreach_copy_(buffers, list(student.buffers()))
 
 
 def sample_indices(keys: Tensor, valid: Tensor, n: int) -> Tensor:
@@ -472,12 +487,10 @@ class SelfLabel(Method):
         self.share_monitor(self.marginal)
 
         # The base optimizer again, plus the prototypes' group (reference: 5x lr for head and prototypes).
-        self.optimizer = build_sgd(self.student, o.lr, head_lr_mult=o.head_lr_mult,
-                                   backbone_lr_mult=o.backbone_lr_mult, momentum=o.momentum,
-                                   weight_decay=o.weight_decay,
-                                   extra_groups=[("prototypes", [self.prototypes], sl.proto_lr_mult)])
+        self.optimizer = build_optimizer(self.student, o,
+                                         extra_groups=[("prototypes", [self.prototypes], sl.proto_lr_mult)])
         self.optimizers["optimizer"] = self.optimizer
-        self.schedulers["student"] = poly_scheduler(self.optimizer, cfg.max_iters, o.poly_power)
+        self.schedulers["student"] = build_scheduler(self.optimizer, cfg.max_iters, o)
 
     # -- per iteration ------------------------------------------------------------------------------------
     def train_mode(self) -> None:
@@ -494,22 +507,33 @@ class SelfLabel(Method):
     def _world(self) -> tuple[int, int]:
         return self.ctx.dist.rank, self.ctx.dist.world_size
 
-    def step(self, batch: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def begin_step(self, batches: list[dict[str, dict[str, Any]]]) -> dict[str, Tensor]:
+        """The step's draws, for all its micro-batches: one CutMix decision and box, and the pixel keys of the
+        step's images (global batch order: micro-batch, rank, image), so that the k micro-batches draw what one
+        k times larger batch draws."""
+        counts = super().begin_step(batches)
+        rank, world = self._world()
+        shape = batches[0]["target"]["image"].shape
+        n_images = shape[0] * world * len(batches)
+        gen = self.iteration_generator(self.schedulers["student"].last_epoch)
+        cutmix = bool(torch.rand(1, generator=gen).item() < self.cfg.selflabel.cutmix_p)
+        box = rand_bbox(tuple(shape[-2:]), gen)
+        qh, qw = self.quarter
+        keys_queue = torch.rand(n_images, qh * qw, generator=gen)
+        keys_anchor = torch.rand(n_images, qh * qw, generator=gen)
+        self._draws = (gen, cutmix, box, keys_queue, keys_anchor)
+        return counts
+
+    def forward_backward(self, batch: dict[str, dict[str, Any]], micro: Micro) -> dict[str, Any]:
         sl = self.cfg.selflabel
         src, tgt = batch["source"], batch["target"]
         rank, world = self._world()
         b = tgt["image"].shape[0]
         b_global = b * world
-        iteration = self.schedulers["student"].last_epoch
-        gen = self.iteration_generator(iteration)
-        cutmix = bool(torch.rand(1, generator=gen).item() < sl.cutmix_p)
-        box = rand_bbox(tuple(tgt["image"].shape[-2:]), gen)
-        qh, qw = self.quarter
-        keys_queue = host_to_device(torch.rand(b_global, qh * qw, generator=gen)[rank * b:(rank + 1) * b],
-                                    self.ctx.device)
-        keys_anchor = host_to_device(torch.rand(b_global, qh * qw, generator=gen)[rank * b:(rank + 1) * b],
-                                     self.ctx.device)
-        self.optimizer.zero_grad(set_to_none=True)
+        gen, cutmix, box, keys_queue, keys_anchor = self._draws
+        rows = slice((micro.index * world + rank) * b, (micro.index * world + rank + 1) * b)
+        keys_queue = host_to_device(keys_queue[rows], self.ctx.device)
+        keys_anchor = host_to_device(keys_anchor[rows], self.ctx.device)
         # under DDP, the backward passes before the last one accumulate their gradients locally (no_sync): one
         # all-reduce of the sum per iteration instead of one per backward pass
         local = contextlib.ExitStack()
@@ -519,7 +543,7 @@ class SelfLabel(Method):
         # 1. source cross-entropy, backward at once
         with self.amp.autocast():
             ps = upsample(self.net(src["image"])["out"], src["label"].shape[-2:])
-            ce_src = seg_cross_entropy(ps, src["label"])
+            ce_src = seg_cross_entropy(ps, src["label"], count=micro.count_for("label/source"))
         self.amp.backward(ce_src)
         del ps
 
@@ -583,7 +607,7 @@ class SelfLabel(Method):
         if contrast_ready and not cutmix and sl.contrast_weight > 0:
             l_con = self._contrastive(so["feat"], labels, keys_anchor, gen if sl.reference_queue_labels else None,
                                       stretched if sl.reference_queue_labels else None)
-        self.amp.backward(l_cts + sl.sl_weight * l_sl + sl.contrast_weight * l_con)
+        self.amp.backward(scaled(l_cts + sl.sl_weight * l_sl + sl.contrast_weight * l_con, micro.scale))
         del so, out_q
 
         # 8. prototype consistency on the strong view
@@ -601,9 +625,18 @@ class SelfLabel(Method):
             l_cons = consistency_loss(teacher, valid, log_s,
                                       class_divisor(self.cfg.model.n_class, self.cfg.reference_class_scaling))
             # 0 x logits: the classifier takes part in every backward (DDP without find_unused_parameters)
-            self.amp.backward(sl.consist_weight * l_cons + 0.0 * ss["out"].float().sum())
+            self.amp.backward(scaled(sl.consist_weight * l_cons + 0.0 * ss["out"].float().sum(), micro.scale))
             del ss
 
+        total = l_cts + sl.consist_weight * l_cons + sl.sl_weight * l_sl + sl.contrast_weight * l_con
+        m = micro.scale
+        return {"ce_source": ce_src.detach(), "cts": scaled(l_cts.detach(), m),
+                "consist": scaled(l_cons.detach(), m), "sl": scaled(l_sl.detach(), m),
+                "contrast": scaled(l_con.detach(), m), "loss": scaled(total.detach(), m), "cutmix": float(cutmix)}
+
+    def optimizer_step(self) -> None:
+        sl = self.cfg.selflabel
+        iteration = self.schedulers["student"].last_epoch
         # 9. optimizer step, then the EMAs. After the first step Pe = P: the reference initialises P and Pe with
         # one tensor, so its Pe takes P's first step (its EMA update then makes a new tensor). P is outside DDP:
         # average its gradient over the ranks (they agree as long as every rank computes the same L_SL; this keeps
@@ -618,10 +651,6 @@ class SelfLabel(Method):
                 self.prototypes_ema.copy_(self.prototypes.detach())
             else:
                 self.prototypes_ema.mul_(m).add_(self.prototypes.detach(), alpha=1.0 - m)
-
-        total = l_cts + sl.consist_weight * l_cons + sl.sl_weight * l_sl + sl.contrast_weight * l_con
-        return {"ce_source": ce_src.detach(), "cts": l_cts.detach(), "consist": l_cons.detach(),
-                "sl": l_sl.detach(), "contrast": l_con.detach(), "loss": total.detach(), "cutmix": float(cutmix)}
 
     def _contrastive(self, student_feat: Tensor, labels: Tensor, keys: Tensor, gen: torch.Generator | None,
                      stretched: Tensor | None) -> Tensor:

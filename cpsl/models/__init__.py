@@ -1,6 +1,8 @@
-"""Networks: DeepLab-v2 (ResNet-101/50/18 backbones), the warm-up discriminator, init weights, checkpoints.
+"""Networks: DeepLab-v2 (ResNet-101/50/18 backbones), SegFormer (MiT-B0..B5 backbones, cpsl.models.mit), the
+warm-up discriminator, init weights, checkpoints.
 
-``build_model(cfg)`` is the one entry point for the segmentation network; ``place`` puts a network on its
+``build_model(cfg)`` is the one entry point for the segmentation network (``model_stride`` /
+``model_output_size``: its output grid, 8 for DeepLab-v2 and 4 for MiT); ``place`` puts a network on its
 device; ``freeze_bn``, ``convert_sync_bn`` and ``revert_sync_bn`` are the BatchNorm helpers the training code
 applies.
 """
@@ -14,40 +16,66 @@ from torch import nn
 
 from cpsl.config import ModelConfig
 from cpsl.models.deeplabv2 import DeepLabV2
+from cpsl.models import deeplabv2, mit
 from cpsl.models.discriminator import FCDiscriminator, build_discriminator
+from cpsl.models.mit import SegFormer
 from cpsl.models.resnet import iter_norm_modules
 from cpsl.models.weights import load_init_weights
 
-__all__ = ["DeepLabV2", "FCDiscriminator", "build_discriminator", "build_model", "convert_sync_bn", "freeze_bn",
-           "place", "revert_sync_bn"]
+__all__ = ["DeepLabV2", "FCDiscriminator", "SegFormer", "build_discriminator", "build_model", "convert_sync_bn",
+           "freeze_bn", "model_output_size", "model_stride", "place", "revert_sync_bn", "uses_channels_last"]
 
 log = logging.getLogger(__name__)
 
 
-def build_model(cfg: ModelConfig, key: str = "model") -> DeepLabV2:
+def build_model(cfg: ModelConfig, key: str = "model") -> DeepLabV2 | SegFormer:
     """Build the network described by ``cfg`` and, if ``cfg.init`` is set, load those initial weights.
 
     ``key`` is the config key used in error messages (``model.init: file not found: ...``). The init report
     (``{file, loaded, missing, unexpected}``) is kept as ``model.init_report`` (None without ``init``).
     BatchNorm is plain ``nn.BatchNorm2d``; call ``convert_sync_bn`` under DDP.
     """
-    model = DeepLabV2(backbone=cfg.backbone, n_class=cfg.n_class, base_width=cfg.base_width,
-                      head_channels=cfg.head_channels, bn_pretrain=cfg.bn_pretrain,
-                      aspp_dilations=tuple(cfg.aspp_dilations), dropout=cfg.dropout)
+    if cfg.is_mit:
+        model = SegFormer(cfg.backbone, cfg.n_class, cfg.head_channels, cfg.mit_depths, cfg.mit_widths,
+                          cfg.decoder_channels, cfg.dropout, cfg.drop_path)
+    else:
+        model = DeepLabV2(backbone=cfg.backbone, n_class=cfg.n_class, base_width=cfg.base_width,
+                          head_channels=cfg.head_channels, bn_pretrain=cfg.bn_pretrain,
+                          aspp_dilations=tuple(cfg.aspp_dilations), dropout=cfg.dropout)
     model.init_report = None
     if cfg.init_file is not None:
         model.init_report = load_init_weights(model, cfg.init_file, cfg.init_format, key=f"{key}.init")
     return model
 
 
-def place(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """``model`` on ``device``. On CUDA also in the channels_last memory format (cuDNN's fast layout for bf16 /
-    fp16 convolutions; the inputs follow the weights) and with cuDNN's autotuner on (``cudnn.benchmark``: the
-    crops have fixed shapes and the dilated convolutions have several algorithms). On the CPU the model is only
-    moved, so CPU results stay those of the NCHW layout."""
+def model_stride(cfg: ModelConfig) -> int:
+    """The output stride of the network ``cfg`` describes: 8 (DeepLab-v2) or 4 (MiT)."""
+    return mit.STRIDE if cfg.is_mit else 8
+
+
+def model_output_size(cfg: ModelConfig, size: int) -> int:
+    """The network's output side for an input side of ``size`` pixels (129 for 1024 on DeepLab-v2, 256 on MiT)."""
+    return mit.output_size(size) if cfg.is_mit else deeplabv2.output_size(size)
+
+
+def uses_channels_last(setting: bool | str, device: torch.device | str) -> bool:
+    """Whether a network goes into the channels_last memory format: the ``channels_last`` setting of a training
+    stage (true / false), or ``auto``: on CUDA only."""
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    return bool(setting)
+
+
+def place(model: nn.Module, device: torch.device | str, channels_last: bool | str = "auto") -> nn.Module:
+    """``model`` on ``device``, in the channels_last memory format when ``uses_channels_last(channels_last,
+    device)`` (by default on CUDA: cuDNN's fast layout for bf16 / fp16 convolutions; the inputs follow the
+    weights), and on CUDA with cuDNN's autotuner on (``cudnn.benchmark``: the crops have fixed shapes and the
+    dilated convolutions have several algorithms). By default on the CPU the model is only moved, so CPU results
+    stay those of the NCHW layout."""
     model = model.to(device)
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if uses_channels_last(channels_last, device):
         model = model.to(memory_format=torch.channels_last)
     return model
 

@@ -345,7 +345,8 @@ def check_model_fits(state: dict[str, Any], cfg: ModelConfig, path: str | Path =
     have = checkpoint_model_config(state, path)
     if have.n_class != cfg.n_class:
         raise CheckpointError(f"{name} has {have.n_class} classes, config {key}.n_class is {cfg.n_class} ({path})")
-    for field in ("backbone", "base_width", "head_channels", "bn_pretrain", "aspp_dilations"):
+    for field in ("backbone", "base_width", "head_channels", "bn_pretrain", "aspp_dilations", "mit_depths",
+                  "mit_widths", "decoder_channels"):
         a, b = getattr(have, field), getattr(cfg, field)
         if _plain(a) != _plain(b):
             raise CheckpointError(f"{name} has {field}={a!r}, config {key}.{field} is {b!r} ({path})")

@@ -8,7 +8,12 @@ Writes into ``out`` (the workflow uses ``results/``)::
                   ``init`` and ``iteration`` extend it). Per-class values are IoU percent, empty where a class
                   never occurred. The class names are the experiment's own, in train-id order, from its
                   metrics.json files (its label table or ``classes.txt``).
-    <experiment>/summary.md   the same as a Markdown table (mIoU, mIoU-13 and per-class IoU, one decimal)
+    <experiment>/summary.md   the same as a Markdown table (mIoU, mIoU-13 and per-class IoU, one decimal; iteration)
+                  Rows of a stage: ``selection`` ``last`` (metrics.json) first, then ``best_on_val``
+                  (metrics_best.json: checkpoints/best.pt of a stage that validated during training). With a
+                  reference table for the experiment (``references``, the paper presets): its rows (``seed`` =
+                  ``paper`` for CPSL, ``peer`` for the others) and per stage and selection a ``delta`` row (ours
+                  minus the paper's, per class by name), and a last column ``reference`` naming the source.
     summary.csv   every experiment's rows, with the per-class columns only when every experiment has the same
                   classes (never one experiment's values under another's class names); else the mIoU columns
     summary.md    the same as a Markdown table, with the ``notes`` (e.g. an experiment without an oracle)
@@ -16,6 +21,7 @@ Writes into ``out`` (the workflow uses ``results/``)::
     plots/<experiment>_seed<S>_curves.png training losses per stage (from each stage's metrics.jsonl) and, for
                                           stages 1-3, the predicted class shares of student, teacher and
                                           class marginal on the target (``share/*`` keys, cpsl.methods.shares)
+    plots/<experiment>_seed<S>_validation.png mIoU over iterations of the stages that validated during training
     plots/<experiment>_seed<S>_samples.png target-val images, their labels and every stage's prediction in the
                                           Cityscapes palette (from each evaluation's samples/, see evaluate)
 
@@ -44,6 +50,14 @@ from cpsl.provenance import atomic_write_text
 STAGE_ORDER = ("source_only", "warmup", "stage1", "stage2", "stage3", "oracle")
 BASE_COLUMNS = ("experiment", "seed", "stage", "selection", "miou", "miou13")
 EXTRA_COLUMNS = ("split", "init", "iteration")
+REFERENCE_COLUMN = "reference"   # after EXTRA_COLUMNS, in a table with reference rows: what the row reports
+# Rows of a stage: ``last`` first (the default, the honest number), then ``best_on_val``, then the others.
+SELECTION_ORDER = ("last", "best_on_val")
+# Non-numeric seeds, in this order after the seeds: aggregates, then the reference rows and the differences.
+SEED_LABELS = ("mean", "std", "paper", "peer", "delta")
+# The columns of a reference table (results/reference/*.csv) before its class columns.
+REFERENCE_META = ("method", "backbone", "source", "stage", "selection", "iteration", "miou", "miou13")
+PAPER_METHOD = "CPSL"
 
 
 def _read_json(path: Path) -> dict:
@@ -101,8 +115,10 @@ def load_rows(paths: list[Path]) -> tuple[list[dict[str, Any]], dict[str, list[s
 def _row_order(row: dict) -> tuple:
     stage = row["stage"]
     rank = STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
-    seed = row["seed"] if isinstance(row["seed"], int) else 10**9 + ("mean", "std").index(row["seed"])
-    return (row["experiment"], row["split"] != "target_val", row["split"], rank, stage, row["selection"], seed)
+    seed = row["seed"] if isinstance(row["seed"], int) else 10**9 + SEED_LABELS.index(row["seed"])
+    sel = row["selection"]
+    sel_rank = SELECTION_ORDER.index(sel) if sel in SELECTION_ORDER else len(SELECTION_ORDER)
+    return (row["experiment"], row["split"] != "target_val", row["split"], rank, stage, sel_rank, sel, seed)
 
 
 def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -123,8 +139,10 @@ def aggregate(rows: list[dict[str, Any]], class_names: list[str]) -> list[dict[s
     for (exp, stage, split, selection), members in groups.items():
         if len({r["seed"] for r in members}) < 2:
             continue
+        iterations = {r["iteration"] for r in members}   # best_on_val: each seed's own best iteration
         mean_row = {"experiment": exp, "seed": "mean", "stage": stage, "selection": selection, "split": split,
-                    "init": members[0]["init"], "iteration": members[0]["iteration"], "iou": {}}
+                    "init": members[0]["init"], "iteration": iterations.pop() if len(iterations) == 1 else None,
+                    "iou": {}}
         std_row = dict(mean_row, seed="std", iou={})
         for col in ("miou", "miou13"):
             mean_row[col], std_row[col] = _mean_std([r.get(col) for r in members])
@@ -133,6 +151,86 @@ def aggregate(rows: list[dict[str, Any]], class_names: list[str]) -> list[dict[s
         out += [mean_row, std_row]
     out.sort(key=_row_order)
     return out
+
+
+def read_reference(path: Path) -> list[dict[str, Any]]:
+    """The rows of a reference table (``results/reference/*.csv``): the ``REFERENCE_META`` fields (``iteration``,
+    ``miou``, ``miou13`` as numbers, None where empty) and ``iou``: {class name: IoU or None}, from the columns
+    after them. DataError naming the file, line and column for a bad table."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: reference table not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read the reference table ({err})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    fields = list(reader.fieldnames or [])
+    missing = [c for c in REFERENCE_META if c not in fields]
+    if missing:
+        raise DataError(f"{path}: not a reference table (no column {', '.join(missing)})")
+    classes = [c for c in fields if c not in REFERENCE_META]
+    rows = []
+    for line, raw in enumerate(reader, start=2):
+        def number(key: str) -> float | None:
+            text = (raw.get(key) or "").strip()
+            try:
+                return float(text) if text else None
+            except ValueError:
+                raise DataError(f"{path}: line {line}, column {key}: not a number ({text!r})") from None
+        iteration = number("iteration")
+        rows.append({**{k: (raw.get(k) or "").strip() for k in ("method", "backbone", "source", "stage", "selection")},
+                     "iteration": None if iteration is None else int(iteration), "miou": number("miou"),
+                     "miou13": number("miou13"), "iou": {c: number(c) for c in classes}})
+    return rows
+
+
+def _difference(ours: float | None, theirs: float | None) -> float | None:
+    return None if ours is None or theirs is None else round(float(ours) - float(theirs), 4)
+
+
+def reference_rows(reference: list[dict[str, Any]], exp: str, ours: list[dict[str, Any]],
+                   class_names: list[str]) -> list[dict[str, Any]]:
+    """Table rows for an experiment from its reference table: the rows of the experiment's stages (and the peers'
+    ``final`` rows), ``seed`` = ``paper`` for CPSL's and ``peer`` for the others (the validation runs' ``first``
+    rows and README rows repeating a log row left out), and per stage and selection of ours on target val a
+    ``delta`` row: ours (the ``mean`` row over seeds, or the one seed's) minus CPSL's row of the same stage and
+    selection, else its ``best_on_val`` row, else its ``reported`` one; per class by name, in ``class_names``."""
+    mine = [r for r in ours if r["split"] == "target_val"]
+    stages = {r["stage"] for r in mine}
+    logged = {(r["method"], r["stage"], r["selection"]) for r in reference if r["iteration"] is not None}
+    shown = [r for r in reference if r["selection"] != "first" and (r["stage"] in stages or r["stage"] == "final")
+             and not (r["iteration"] is None and (r["method"], r["stage"], r["selection"]) in logged)]
+    rows = []
+    for r in shown:
+        rows.append({"experiment": exp, "seed": "paper" if r["method"] == PAPER_METHOD else "peer",
+                     "stage": r["stage"], "selection": r["selection"], "miou": r["miou"], "miou13": r["miou13"],
+                     "split": "target_val", "init": "", "iteration": r["iteration"],
+                     "iou": {c: r["iou"].get(c) for c in class_names},
+                     REFERENCE_COLUMN: f"{r['method']} ({r['backbone']}; {r['source']})"})
+    for (stage, selection) in sorted({(r["stage"], r["selection"]) for r in mine}):
+        group = [r for r in mine if r["stage"] == stage and r["selection"] == selection]
+        mean = [r for r in group if r["seed"] == "mean"]
+        if not mean and len(group) != 1:
+            continue
+        own = mean[0] if mean else group[0]
+        paper = [r for r in shown if r["method"] == PAPER_METHOD and r["stage"] == stage]
+        base = next((r for sel in (selection, "best_on_val", "reported") for r in paper if r["selection"] == sel),
+                    None)
+        if base is None:
+            continue
+        at = f" at iteration {base['iteration']}" if base["iteration"] is not None else ""
+        rows.append({"experiment": exp, "seed": "delta", "stage": stage, "selection": selection,
+                     "miou": _difference(own["miou"], base["miou"]),
+                     "miou13": _difference(own.get("miou13"), base["miou13"]), "split": "target_val", "init": "",
+                     "iteration": own["iteration"],
+                     "iou": {c: _difference(own["iou"].get(c), base["iou"].get(c)) for c in class_names},
+                     REFERENCE_COLUMN: f"ours ({own['seed']}) minus {PAPER_METHOD} {base['selection']}{at} "
+                                       f"({base['source']})"})
+    return rows
+
+
+def _signed(value: Any) -> str:
+    return "" if value is None else f"{float(value):+.1f}"
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -144,14 +242,15 @@ def _fmt(value: Any, digits: int = 1) -> str:
 
 
 def write_csv(path: Path, rows: list[dict], class_names: list[str]) -> None:
-    """Columns ``BASE_COLUMNS``, the class names, ``EXTRA_COLUMNS`` (a class may be named like a column: the
-    values are placed by position, never mixed up)."""
+    """Columns ``BASE_COLUMNS``, the class names, ``EXTRA_COLUMNS`` and, when the table has reference rows,
+    ``reference`` (a class may be named like a column: the values are placed by position, never mixed up)."""
+    extra = [*EXTRA_COLUMNS, *([REFERENCE_COLUMN] if any(r.get(REFERENCE_COLUMN) for r in rows) else [])]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([*BASE_COLUMNS, *class_names, *EXTRA_COLUMNS])
+    writer.writerow([*BASE_COLUMNS, *class_names, *extra])
     for row in rows:
         values = [*(row.get(c) for c in BASE_COLUMNS), *(row["iou"].get(c) for c in class_names),
-                  *(row.get(c) for c in EXTRA_COLUMNS)]
+                  *(row.get(c) for c in extra)]
         writer.writerow(["" if v is None else v for v in values])
     atomic_write_text(path, buf.getvalue())
 
@@ -163,17 +262,28 @@ def _cell(text: str) -> str:
 
 def markdown(rows: list[dict], class_names: list[str], extra_notes: list[str] = ()) -> str:
     has13 = any(r.get("miou13") is not None for r in rows)
+    has_ref = any(r.get(REFERENCE_COLUMN) for r in rows)
     head = ["experiment", "seed", "stage", "split", "selection", "mIoU", *(["mIoU-13"] if has13 else []),
-            *map(_cell, class_names)]
+            *map(_cell, class_names), "iteration", *(["reference"] if has_ref else [])]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["experiment"], str(r["seed"]), r["stage"], r["split"], r["selection"], _fmt(r["miou"]),
-                 *([_fmt(r.get("miou13"))] if has13 else []), *(_fmt(r["iou"].get(c)) for c in class_names)]
+        fmt = _signed if r["seed"] == "delta" else _fmt
+        cells = [r["experiment"], str(r["seed"]), r["stage"], r["split"], r["selection"], fmt(r["miou"]),
+                 *([fmt(r.get("miou13"))] if has13 else []), *(fmt(r["iou"].get(c)) for c in class_names),
+                 _fmt(r.get("iteration")), *([_cell(r.get(REFERENCE_COLUMN) or "")] if has_ref else [])]
         lines.append("| " + " | ".join(cells) + " |")
     # One entry per stage: a checkpoint of seed S's own chain is written once, with its seed folder as seed<S>.
     inits = sorted({(r["stage"], SEED_DIR.sub(r"\1seed<S>\2", r["init"])) for r in rows if r.get("init")})
     notes = ["", "mIoU and per-class IoU in percent on the evaluated split; empty: class absent from both "
              "ground truth and prediction. `selection: last` is the final checkpoint."]
+    if any(r["selection"] == "best_on_val" and r["seed"] not in ("paper", "peer") for r in rows):
+        notes.append("`selection: best_on_val` is the checkpoint with the best mIoU of the validations during "
+                     "training (eval_interval), selected on the evaluation set itself, as the reference does: an "
+                     "optimistic number; `last` is the honest one. `iteration`: the checkpoint's iteration.")
+    if has_ref:
+        notes.append("Rows `paper` and `peer`: published numbers (results/reference/, the `reference` column says "
+                     "where from); `delta`: ours minus the paper's, per class, for the same stage (and selection, "
+                     "where the paper has it).")
     if inits:
         notes.append("Student initialisation per stage: " + "; ".join(f"{s}: {i}" for s, i in inits) + ".")
     return "\n".join(lines + notes + [f"Note: {n}." for n in extra_notes]) + "\n"
@@ -239,13 +349,47 @@ def _plots(out: Path, rows: list[dict], classes: dict[str, list[str]],
         fig.savefig(path, dpi=100)
         plt.close(fig)
         made.append(path)
+    made += _validation_plots(plot_dir, by_seed, plt)
     made += _sample_plots(plot_dir, stage_dirs, plt)
     return made
 
 
+def _validation_plots(plot_dir: Path, logs_by_seed: dict[tuple, dict[str, Path]], plt: Any) -> list[Path]:
+    """Per experiment and seed with validations during training (``val/*`` in metrics.jsonl, eval_interval): the
+    mIoU over iterations of every such stage's student (and stage 1's EMA teacher), the best one marked."""
+    made = []
+    for (exp, seed), logs in sorted(logs_by_seed.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        curves = {stage: _series(path)["val"] for stage, path in logs.items()}
+        curves = {stage: c for stage, c in curves.items() if c.get("student")}
+        if not curves:
+            continue
+        order = sorted(curves, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else 99)
+        fig, axes = plt.subplots(1, len(order), figsize=(4 * len(order), 3.2), squeeze=False)
+        for ax, stage in zip(axes[0], order):
+            for who, pts in sorted(curves[stage].items()):
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o" if who == "student" else "--", markersize=2,
+                        linewidth=1, label=who)
+            best = max(reversed(curves[stage]["student"]), key=lambda p: p[1])   # the latest of equal scores
+            ax.plot([best[0]], [best[1]], "*", markersize=10, color="black",
+                    label=f"best {best[1]:.1f} at {best[0]}")
+            ax.set_title(stage)
+            ax.set_xlabel("iteration")
+            ax.set_ylabel("mIoU (%)")
+            ax.legend(fontsize=6)
+        fig.suptitle(f"{exp} seed {seed}: mIoU on the validation images during training", fontsize=9)
+        fig.tight_layout()
+        path = plot_dir / f"{exp}_seed{seed}_validation.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
 def _series(path: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """A metrics.jsonl as ``{"loss": {name: [(iteration, value)]}, "share": {"student/1": [...], ...}}``."""
-    out: dict[str, dict[str, list[tuple[int, float]]]] = {"loss": defaultdict(list), "share": defaultdict(list)}
+    """A metrics.jsonl as ``{"loss": {name: [(iteration, value)]}, "share": {"student/1": [...], ...},
+    "val": {"student": [...], "teacher": [...]}}`` (``val``: the validations during training)."""
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {"loss": defaultdict(list), "share": defaultdict(list),
+                                                          "val": defaultdict(list)}
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
@@ -334,6 +478,9 @@ def run(cfg: CollectConfig, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for exp, names in classes.items():
         mine = aggregate([r for r in rows if r["experiment"] == exp], names)
+        if exp in cfg.references:
+            mine = sorted(mine + reference_rows(read_reference(cfg.references[exp]), exp, mine, names),
+                          key=_row_order)
         write_csv(out / exp / "summary.csv", mine, names)
         atomic_write_text(out / exp / "summary.md", markdown(mine, names))
     # the per-class columns of the overall table only when every experiment has the same classes

@@ -50,7 +50,8 @@ def _recorded(cfg: EvaluateConfig, state: dict[str, Any]) -> tuple[str, str, int
 def confusion(cfg: EvaluateConfig, setup: inference.Setup,
               samples: dict[int, np.ndarray] | None = None) -> np.ndarray:
     """This run's confusion matrix (int64, summed over ranks). ``samples``, if given, receives the predictions
-    (uint8 train ids) of this process's first ``cfg.samples`` images, by split index."""
+    (uint8 train ids) of the split's first ``cfg.samples`` images that fall in this process's shard, by split index
+    (``gather_samples`` brings them to rank 0: the same images whatever the number of processes)."""
     n_class = setup.model_config.n_class
     cm = ConfusionMatrix(n_class)
     hist = torch.zeros(n_class * n_class, dtype=torch.int64, device=setup.info.device)
@@ -70,7 +71,7 @@ def confusion(cfg: EvaluateConfig, setup: inference.Setup,
                      for p, s in zip(probs, batch.sizes)]
         with torch.inference_mode():
             for index, pred, label in zip(batch.indices, preds, batch.labels):
-                if samples is not None and len(samples) < cfg.samples:
+                if samples is not None and index < cfg.samples:
                     samples[index] = pred.to("cpu", torch.uint8).numpy()
                 gt = label.to(setup.info.device, torch.int64).flatten()
                 cells = torch.where(gt < n_class, gt * n_class + pred.flatten(), ignored)
@@ -87,6 +88,7 @@ def run(cfg: EvaluateConfig, out: Path) -> dict:
         setup = inference.prepare_run(cfg, info)
         predictions: dict[int, np.ndarray] = {}
         hist = confusion(cfg, setup, predictions)
+        predictions = gather_samples(predictions, info)
         if not info.is_main:
             return {}
         cm = ConfusionMatrix(setup.model_config.n_class)
@@ -114,6 +116,17 @@ def run(cfg: EvaluateConfig, out: Path) -> dict:
             write_samples(out / "samples", setup.split, predictions)
         inference.write_json(out / f"metrics{suffix}.json", metrics)
         return metrics
+
+
+def gather_samples(predictions: dict[int, np.ndarray], info: Any) -> dict[int, np.ndarray]:
+    """Every rank's sample predictions (a few small arrays), merged on rank 0; as is on one process."""
+    if not info.distributed:
+        return predictions
+    import torch.distributed as tdist
+
+    parts: list = [None] * info.world_size
+    tdist.all_gather_object(parts, predictions)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def write_samples(folder: Path, split: Any, predictions: dict[int, np.ndarray]) -> None:

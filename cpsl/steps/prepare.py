@@ -40,6 +40,7 @@ from cpsl import labels, progress
 from cpsl.config import PrepareConfig
 from cpsl.data import get_format
 from cpsl.data.common import Problem, Sample, decode_image, images_only, write_label_png
+from cpsl.data.lab import lab_mean_std  # the one Lab statistics function (training reads these)
 from cpsl.errors import DataError
 from cpsl.outputs import publish_dir, remove_path, remove_stale_staging, staging_dir
 
@@ -110,17 +111,6 @@ def _describe_ids(known: frozenset[int]) -> str:
         if v is not None:
             start = prev = v
     return ", ".join(runs)
-
-
-def lab_mean_std(image: np.ndarray) -> np.ndarray:
-    """Mean and std (population) of the CIE L*a*b* channels of an RGB uint8 image, as float64 (2, 3).
-
-    Uses OpenCV on float32 RGB in [0, 1], which gives L in 0..100 and a, b in about -128..127, like
-    ``skimage.color.rgb2lab`` (the reference's colour transfer statistics).
-    """
-    lab = cv2.cvtColor(image.astype(np.float32) * np.float32(1.0 / 255.0), cv2.COLOR_RGB2Lab)
-    mean, std = cv2.meanStdDev(lab)
-    return np.stack([mean.ravel(), std.ravel()]).astype(np.float64)
 
 
 def convert_sample(sample: Sample, job: _Job) -> _Converted | Problem:

@@ -1,7 +1,8 @@
 """``cpsl pseudo-soft``: soft pseudo labels of a target split (spec 3.1, stored compactly as in spec 6/9).
 
 For every image of the prepared split (target train): the softmax of the model's output at the model's own
-resolution (stride 8; 129 x 257 for a 1024 x 2048 image), full-size input, no flip, eval mode. The reference
+resolution (stride 8; 129 x 257 for a 1024 x 2048 image; a stride-4 MiT's are resized to that stride-8 grid
+unless ``grid_stride: null``), full-size input, no flip, eval mode. The reference
 saves these as float32 ``.npy`` (19 x 129 x 257 -> 2,519,756 B per image, 7.5 GB for Cityscapes train).
 
 Output folder (replaced as a whole when the step succeeds)::
@@ -30,6 +31,7 @@ import torch
 from cpsl import inference
 from cpsl.config import PseudoSoftConfig
 from cpsl.data import pseudo
+from cpsl.models import deeplabv2, model_stride
 
 
 def run(cfg: PseudoSoftConfig, out: Path) -> dict:
@@ -41,7 +43,10 @@ def run(cfg: PseudoSoftConfig, out: Path) -> dict:
             with inference.BackgroundWriter() as writer:
                 for batch in inference.iter_batches(setup.split, setup.indices, cfg, info.device, "pseudo-soft",
                                                     show_progress=info.is_main):
-                    probs = inference.predict_probs(setup.model, batch.images, amp=cfg.amp)
+                    size = None
+                    if cfg.grid_stride is not None and model_stride(setup.model_config) < cfg.grid_stride:
+                        size = tuple(deeplabv2.output_size(int(n)) for n in batch.images.shape[-2:])
+                    probs = inference.predict_probs(setup.model, batch.images, out_size=size, amp=cfg.amp)
                     q = pseudo.quantize_soft(probs).cpu().numpy()
                     key = f"{q.shape[2]}x{q.shape[3]}"
                     shapes[key] = shapes.get(key, 0) + len(batch.names)
@@ -50,9 +55,13 @@ def run(cfg: PseudoSoftConfig, out: Path) -> dict:
             total = torch.tensor([sum(writer.results), len(writer.results)], dtype=torch.int64)
             inference.all_reduce_(total, info)
             shapes = _merge_counts(shapes, info)
+            stride = model_stride(setup.model_config)
+            layout = (f"(n_class, h, w) at the model's output resolution (stride {stride})"
+                      if cfg.grid_stride is None or stride >= cfg.grid_stride
+                      else f"(n_class, h, w) on the stride-{cfg.grid_stride} grid (model stride {stride}, resized)")
             meta = {
                 "kind": "soft", "format": "npz", "array": "q", "dtype": "uint8", "encoding": pseudo.SOFT_ENCODING,
-                "levels": pseudo.SOFT_LEVELS, "layout": "(n_class, h, w) at the model's output resolution (stride 8)",
+                "levels": pseudo.SOFT_LEVELS, "layout": layout,
                 "n_class": setup.model_config.n_class, "classes": list(setup.split.classes),
                 "shapes": shapes, "n_images": int(total[1]), "bytes": int(total[0]),
                 "bytes_per_image": round(int(total[0]) / max(1, int(total[1]))),

@@ -39,8 +39,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cpsl.data.prepared import PreparedSplit
-from cpsl.data.transforms import (StrongConfig, WeakConfig, WeakParams, lab_transfer, random_colors, strong_augment,
-                                  weak_augment)
+from cpsl.data.lab import LabTransfer, lab_mean_std
+from cpsl.data.transforms import StrongConfig, WeakConfig, WeakParams, random_colors, strong_augment, weak_augment
 from cpsl.errors import ConfigError, DataError
 from cpsl.inference import image_to_tensor, image_to_uint8_tensor  # the one normalisation: RGB / 255
 from cpsl.train.dist import opencv_threads_for_workers, worker_init_fn
@@ -107,11 +107,14 @@ class TrainDataset(Dataset):
     """Augmented training samples of one prepared split; items are indexed by ``(index, sample_seed)``.
 
     ``views``: "weak" (always), "strong" (adds ``image_strong`` + ``strong_params``), "full" (adds the
-    unaugmented ``image_full``, uint8). ``label``: include the weak-augmented label. ``lab_stats``: (N, 2, 3) Lab
-    mean/std of reference images; when given, each image is first colour-transferred to a random row
-    (CPSL's GTA5 -> Cityscapes LAB transfer, spec 1.4). ``random_colors``: then redraw the image's colours
-    (``transforms.random_colors``, from the sample's generator). ``extras(index, weak_params, rng)`` may return more
-    entries (e.g. pseudo labels carried into the weak crop) for later stages.
+    unaugmented ``image_full``, uint8). ``label``: include the weak-augmented label (a domain without it never
+    decodes its label files). ``lab_stats``: (N, 2, 3) Lab mean/std of reference images; when given, each image is
+    first colour-transferred to a random row (CPSL's GTA5 -> Cityscapes LAB transfer, spec 1.4), from its own
+    statistics (its split's ``lab_stats.npy`` when prepared with them, else computed); the transfer is pointwise,
+    so it runs on the pixels the weak crop reads only, unless the whole image is needed (``random_colors`` or the
+    "full" view). ``random_colors``: then redraw the image's colours (``transforms.random_colors``, from the
+    sample's generator). ``extras(index, weak_params, rng)`` may return more entries (e.g. pseudo labels carried
+    into the weak crop) for later stages.
     """
 
     def __init__(self, split: PreparedSplit | str | Path, weak: WeakConfig, *, label: bool = True,
@@ -135,13 +138,20 @@ class TrainDataset(Dataset):
         index, sample_seed = item
         rng = np.random.default_rng(sample_seed)
         py = random.Random(sample_seed)
-        image, label = self.split.load(index)
+        image = self.split.load_image(index)
+        label = self.split.load_label(index, image.shape[:2]) if self.label else None
+        colour = None
         if self.lab_stats is not None:
             j = int(rng.integers(len(self.lab_stats)))
-            image = lab_transfer(image, self.lab_stats[j, 0], self.lab_stats[j, 1])
+            # the image's own Lab statistics: stored by prepare (lab_stats.npy of its split), else computed
+            own = self.split.lab_stats[index] if self.split.lab_stats is not None else lab_mean_std(image)
+            colour = LabTransfer.fit(own, self.lab_stats[j, 0], self.lab_stats[j, 1])
+            if self.random_colors or "full" in self.views:  # these need the whole transferred image
+                image, colour = colour(image), None
         if self.random_colors:
             image = random_colors(image, rng)
-        crop, crop_label, params = weak_augment(image, label if self.label else None, py, self.weak)
+        # colour (the pointwise LAB transfer) is applied to the pixels the weak crop reads only
+        crop, crop_label, params = weak_augment(image, label, py, self.weak, colour)
         sample: dict[str, Any] = {"image": image_to_tensor(crop), "index": int(index),
                                   "name": self.split.names[index], "weak_params": params.as_dict()}
         if self.label:

@@ -3,9 +3,9 @@
 ``train(cfg, out)`` runs ``cfg.max_iters`` iterations of the stage's method (``cpsl.methods``)::
 
     for iteration in range(start, max_iters):
-        batch  = next batch of every domain the method needs      (cpsl.train.data: deterministic, endless)
-        losses = method.step(batch)                                (forward, backward, optimizer steps; the
-                                                                    losses stay on the device)
+        batches = the next `accumulate` batches of every domain   (cpsl.train.data: deterministic, endless)
+        losses = method.step(batches)                             (forward and backward per batch, optimizer
+                                                                    steps; the losses stay on the device)
         amp.update(); every scheduler steps once
         at log and checkpoint iterations only (one host sync): the losses averaged over the iterations since
         the last log line and over the processes; NaN/Inf -> TrainingError (the last checkpoint is kept)
@@ -20,11 +20,13 @@ Outputs in ``out`` (written by rank 0 only)::
                           rerun without retraining; a finished run with other settings or other inputs is
                           discarded on rerun
     checkpoint.pt         the final model (networks only, ``iteration`` = max_iters, config, seed)
+    checkpoints/best.pt   with eval_interval: the student with the best validation mIoU so far (cpsl.train.validate)
     metrics.jsonl         one JSON object per log line: iteration, loss/<name> (mean over the last
                           log_interval iterations), lr/<group> (the rate used by that iteration), time_iter,
                           time_data (seconds per iteration), samples_per_s; stages 1-3 also share/student/<k>,
                           share/teacher/<k>, share/marginal/<k> (predicted class shares on the target,
-                          ``cpsl.methods.shares``)
+                          ``cpsl.methods.shares``); with eval_interval also a line per validation (val/student,
+                          val/teacher, val_iou/<class>, val_best, val_best_iteration; cpsl.train.validate)
     train_summary.json    stage, iterations, final losses, mean time per iteration, device, world size, and
                           ``method.describe()`` (e.g. ``student_init``; also in the checkpoints' ``extra``)
 
@@ -55,7 +57,7 @@ import torch
 import torch.distributed as dist
 
 from cpsl import progress
-from cpsl.config import TrainConfig, to_dict
+from cpsl.config import TrainConfig, load, to_dict
 from cpsl.errors import CheckpointError, ConfigError, CpslError
 from cpsl.methods import Amp, Method, TrainContext, build_method
 from cpsl.models.checkpoint import (capture_rng_state, load_checkpoint, make_checkpoint, restore_rng_state,
@@ -63,6 +65,7 @@ from cpsl.models.checkpoint import (capture_rng_state, load_checkpoint, make_che
 from cpsl.provenance import atomic_write_text
 from cpsl.train import dist as D
 from cpsl.train.data import HOST_KEYS, _seed_int, build_datasets, build_loaders
+from cpsl.train.validate import Validator
 
 LAST = Path("checkpoints") / "last.pt"
 FINAL = "checkpoint.pt"
@@ -70,7 +73,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
 # Settings that may change between a killed run and its resumption without changing the result.
 RESUME_FREE_KEYS = ("data.workers", "log_interval", "checkpoint_interval", "device", "share_drift",
-                    "share_drift_logs")
+                    "share_drift_logs", "eval_batch_size", "eval_workers", "channels_last")
 # The files and folders a stage reads (TrainConfig keys); their fingerprints go into checkpoints/last.pt.
 INPUT_KEYS = ("data.source", "data.target", "init_checkpoint", "model.init", "selflabel.soft_labels",
               "selflabel.prototypes", "selflabel.class_dist", "distill.teacher", "distill.hard_labels",
@@ -114,9 +117,21 @@ def _first_difference(old: dict[str, Any], new: dict[str, Any], skip: tuple[str,
     return next((k for k in sorted(set(old) | set(new)) if k not in skip and old.get(k) != new.get(k)), None)
 
 
+def _saved_settings(state: dict[str, Any]) -> dict[str, Any]:
+    """The flat settings a checkpoint was written with. Read through ``TrainConfig``, so that a checkpoint from
+    an older version of the package, which lacks a setting added since, has that setting's default: a run killed
+    before an update resumes after it when the new settings are at their defaults. A config that no longer
+    loads (a setting removed or renamed since) is compared as written."""
+    saved = state.get("config") or {}
+    try:
+        saved = to_dict(load(TrainConfig, saved))
+    except (CpslError, ValueError, TypeError):
+        pass
+    return _flatten(saved)
+
+
 def _settings_differ(state: dict[str, Any], cfg: TrainConfig) -> bool:
-    old, new = _flatten(state.get("config") or {}), _flatten(to_dict(cfg))
-    return _first_difference(old, new, RESUME_FREE_KEYS) is not None
+    return _first_difference(_saved_settings(state), _flatten(to_dict(cfg)), RESUME_FREE_KEYS) is not None
 
 
 def fingerprint(path: str | Path) -> str:
@@ -156,7 +171,7 @@ def _changed_input(state: dict[str, Any], inputs: dict[str, str]) -> str | None:
 
 def check_resume_config(state: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
     """Raise CheckpointError if ``path`` was written by a run with different settings."""
-    old, new = _flatten(state.get("config") or {}), _flatten(to_dict(cfg))
+    old, new = _saved_settings(state), _flatten(to_dict(cfg))
     key = _first_difference(old, new, RESUME_FREE_KEYS)
     if key is not None:
         raise CheckpointError(f"{path}: written by a run with different settings ({key}: {old.get(key)!r} there, "
@@ -309,14 +324,15 @@ def _on_main_rank(info: D.DistInfo, what: str, write: Any) -> None:
 
 
 def _resumable_state(method: Method, cfg: TrainConfig, iteration: int, amp: Amp,
-                     rng_states: list[dict[str, Any]], inputs: dict[str, str]) -> dict[str, Any]:
+                     rng_states: list[dict[str, Any]], inputs: dict[str, str],
+                     validator: Validator | None = None) -> dict[str, Any]:
     """The resumable checkpoint (``checkpoints/last.pt``) after ``iteration`` finished iterations."""
     parts = {k: v for k, v in method.state_dict(full=True).items() if k != "model"}
     return make_checkpoint(method.student, cfg.model, iteration=iteration, rng=rng_states[0],
                            config=to_dict(cfg), seed=cfg.seed,
                            extra={"stage": cfg.stage, **method.describe(), "grad_scaler": amp.state_dict(),
                                   "rng_per_rank": rng_states, "batch_size": cfg.data.batch_size,
-                                  "inputs": inputs},
+                                  "inputs": inputs, **(validator.state() if validator else {})},
                            **parts)
 
 
@@ -373,7 +389,9 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     last_saved = start if state is not None else None
 
     datasets = build_datasets(cfg, method.domains, cfg.model.n_class)
-    loaders = build_loaders(cfg, datasets, rank=info.rank, world_size=info.world_size, start_iter=start,
+    micro_batches = cfg.accumulate   # per iteration (optimizer step); the loaders count micro-batches
+    loaders = build_loaders(cfg, datasets, rank=info.rank, world_size=info.world_size,
+                            start_iter=start * micro_batches,
                             pin_memory=info.device.type == "cuda")
     if state is not None:
         per_rank = state.get("extra", {}).get("rng_per_rank") or []
@@ -381,6 +399,7 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     else:  # dropout etc.: a stream per rank, independent of the one that initialised the networks
         D.seed_everything(_seed_int(cfg.seed, info.rank, 3))
     iters = {domain: iter(loader) for domain, loader in loaders.items()}
+    validator = Validator(cfg, info, out, state)   # eval_interval: validation and checkpoints/best.pt
 
     log = MetricsLog(out / METRICS, start) if info.is_main else None
     window = _Window()
@@ -392,11 +411,12 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
         for it in range(start, cfg.max_iters):
             done = it + 1
             t0 = time.perf_counter()
-            batch = {domain: to_device(next(loader_it), info.device) for domain, loader_it in iters.items()}
+            batches = [{domain: to_device(next(loader_it), info.device) for domain, loader_it in iters.items()}
+                       for _ in range(micro_batches)]
             t_data = time.perf_counter() - t0
             lrs = method.lrs()
             method.train_mode()
-            losses = method.step(batch)
+            losses = method.step(batches if micro_batches > 1 else batches[0])
             amp.update()
             for sched in method.schedulers.values():
                 sched.step()
@@ -418,18 +438,24 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
                 if log is not None:
                     record = {"iteration": done, **{f"loss/{k}": v for k, v in means.items()},
                               **{f"lr/{k}": v for k, v in lrs.items()}, **timing,
-                              "samples_per_s": cfg.data.batch_size / max(timing["time_iter"], 1e-9), **shares}
+                              "samples_per_s": cfg.data.batch_size * micro_batches / max(timing["time_iter"], 1e-9),
+                              **shares}
                     log.write(record)
                 postfix = {k: f"{v:.4g}" for k, v in means.items()}
                 if share_text:
                     postfix["share"] = share_text
                 bar.set_postfix(postfix, refresh=False)
                 window.reset()
+            if validator.due(done):   # before the checkpoint: last.pt holds the best score up to ``done``
+                record = validator.run(method, done, lambda what, write: _on_main_rank(info, what, write))
+                if log is not None:
+                    log.write(record)
+                _say(info, validator.describe(record))
             if done % cfg.checkpoint_interval == 0 and done < cfg.max_iters:
                 _check_finite(method, done, last_path, last_saved)
                 rng_states = gather_rng_states()
                 _on_main_rank(info, f"writing {last_path}", lambda: save_checkpoint(
-                    last_path, _resumable_state(method, cfg, done, amp, rng_states, inputs)))
+                    last_path, _resumable_state(method, cfg, done, amp, rng_states, inputs, validator)))
                 last_saved = done
     finally:
         bar.close()
@@ -440,12 +466,14 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     summary = {"stage": cfg.stage, "iterations": cfg.max_iters, "resumed_from": start,
                "final_losses": last_losses, "time_per_iter": float(np.mean(per_iter)) if per_iter else None,
                "wall_time_s": time.perf_counter() - t_start, "device": str(info.device),
-               "world_size": info.world_size, "global_batch": cfg.data.batch_size, **method.describe()}
+               "world_size": info.world_size, "global_batch": cfg.data.batch_size * micro_batches,
+               "accumulate": micro_batches,
+               **method.describe()}
     _check_finite(method, cfg.max_iters, last_path, last_saved)
     if last_saved != cfg.max_iters:  # all ranks: gathering the RNG states is a collective
         rng_states = gather_rng_states()
         _on_main_rank(info, f"writing {last_path}", lambda: save_checkpoint(
-            last_path, _resumable_state(method, cfg, cfg.max_iters, amp, rng_states, inputs)))
+            last_path, _resumable_state(method, cfg, cfg.max_iters, amp, rng_states, inputs, validator)))
 
     def write_final() -> None:
         final = make_checkpoint(method.student, cfg.model, iteration=cfg.max_iters, config=to_dict(cfg),

@@ -2,12 +2,15 @@
 
 
 rule collect:
-    """results/<experiment>/summary.csv and .md (one row per seed, stage and split, the experiment's own class
-    columns; mean and std over seeds), results/summary.csv and .md (every experiment's mIoU rows) and results/plots/ (per-class IoU per stage, training curves, sample predictions); all of them are in
-    `snakemake --report report.html`."""
+    """results/<experiment>/summary.csv and .md (one row per seed, stage, split and selection, the experiment's
+    own class columns; mean and std over seeds; for the paper presets also the published numbers of
+    results/reference/ and the differences to them), results/summary.csv and .md (every experiment's mIoU rows)
+    and results/plots/ (per-class IoU per stage, training and validation curves, sample predictions); all of them
+    are in `snakemake --report report.html`."""
     input:
         config=lambda wc: STEP_CONFIGS["collect"],
         metrics=lambda wc: W.metrics_files(config),
+        references=lambda wc: list(W.reference_files(config, REFERENCE_DIR).values()),
     output:
         csv=report(RESULTS / "summary.csv", caption="../report/summary.rst", category="Results table",
                    subcategory="all experiments (mIoU)"),

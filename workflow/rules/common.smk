@@ -7,9 +7,12 @@ from pathlib import Path
 from cpsl import workflow as W
 from cpsl.errors import ConfigError
 
+# The repository's reference tables (the paper's numbers beside the presets' own, in `collect`).
+REFERENCE_DIR = Path(workflow.basedir) / "results" / "reference"
+
 try:
     W.check_schema(config, workflow.source_path("../schemas/config.schema.yaml"))
-    STEP_CONFIGS = W.step_config_files(config)
+    STEP_CONFIGS = W.step_config_files(config, REFERENCE_DIR)
     W.check_resources(config)
 except ConfigError as err:
     # One line naming the key, instead of a traceback through the Snakefile.
@@ -45,15 +48,30 @@ def threads_of(kind):
 
 
 def resources_of(kind):
-    """`resources:` (mem_mb, runtime in minutes, gpu) of a rule kind, from config.yaml's `resources`."""
-    return {key: (lambda wc, key=key: W.rule_resources(config, kind, getattr(wc, "exp", None))[key])
-            for key in ("mem_mb", "runtime", "gpu")}
+    """`resources:` of a rule kind from config.yaml's `resources`: mem_mb, runtime in minutes, and what the SLURM
+    executor plugin reads for GPUs and nodes (W.slurm_resources: gpu on one node; nodes, tasks, gres and mpi on
+    several; a key that does not apply is None, which Snakemake leaves out)."""
+    def get(wc, key):
+        res = W.rule_resources(config, kind, getattr(wc, "exp", None))
+        return res[key] if key in ("mem_mb", "runtime") else W.slurm_resources(res)[key]
+
+    return {key: (lambda wc, key=key: get(wc, key))
+            for key in ("mem_mb", "runtime", "gpu", "nodes", "tasks", "tasks_per_gpu", "gres", "mpi")}
 
 
 def command_of(step, kind=None):
     """The shell command that runs `cpsl <step>` with the job's threads and GPUs (a CUDA check first for gpu >= 1,
-    torchrun for gpu > 1); `kind`: the rule kind of its resources (default: the step)."""
+    torchrun for gpu > 1, srun + torchrun on every node for nodes > 1); `kind`: the rule kind of its resources
+    (default: the step)."""
     kind = kind or step
-    return lambda wc, threads, resources: W.step_command(
-        sys.executable, step, threads, resources.gpu,
-        W.resource_key(config, kind, getattr(wc, "exp", None)) + ".gpu")
+
+    def command(wc, threads, resources):
+        exp = getattr(wc, "exp", None)
+        res = W.rule_resources(config, kind, exp)
+        # one node: the job's gpu resource, which a global limit (the default profile's gpu=1) may have lowered;
+        # several: the GPUs per node from config.yaml (the job's gpu resource is unset, see W.slurm_resources)
+        gpu = resources.gpu if res["nodes"] == 1 else res["gpu"]
+        return W.step_command(sys.executable, step, threads, gpu, W.resource_key(config, kind, exp) + ".gpu",
+                              res["nodes"])
+
+    return command

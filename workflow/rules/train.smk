@@ -12,6 +12,8 @@ def train_inputs(wc):
         inputs["target"] = W.prepared_dir(config, wc.exp, "target_train")
     for key, path in W.stage_input_files(config, wc.exp, int(wc.seed), wc.stage).items():
         inputs[key.replace(".", "_")] = path
+    if W.eval_interval(config, wc.exp, wc.stage) > 0:  # validation during training (eval_interval)
+        inputs["val"] = W.prepared_dir(config, wc.exp, "target_val")
     imagenet = W.imagenet_file(config, wc.exp, wc.stage)
     if imagenet is not None:  # model.init: imagenet
         inputs["imagenet"] = imagenet
@@ -85,6 +87,34 @@ rule evaluate:
         "{{ {params.cmd} --config {input.config:q} --out {params.out:q}; }} > {log:q} 2>&1"
 
 
+rule evaluate_best:
+    """mIoU of a stage's best model on target val (its checkpoints/best.pt, kept by training with eval_interval):
+    <stage>/metrics_best.json, selection best_on_val. The final checkpoint stands in for best.pt as the input:
+    training writes best.pt before it, and best.pt is no output of the training rule (only stages that validate
+    have one)."""
+    input:
+        config=lambda wc: step_config(wc.exp, f"evaluate_{wc.stage}_target_val_best", wc.seed),
+        checkpoint=RESULTS / "{exp}" / "seed{seed}" / "{stage}" / "checkpoint.pt",
+        data=lambda wc: W.prepared_dir(config, wc.exp, "target_val"),
+    output:
+        RESULTS / "{exp}" / "seed{seed}" / "{stage}" / "metrics_best.json",
+    log:
+        RESULTS / "{exp}" / "logs" / "seed{seed}" / "evaluate_{stage}_best.log",
+    benchmark:
+        RESULTS / "{exp}" / "benchmarks" / "seed{seed}" / "evaluate_{stage}_best.tsv"
+    wildcard_constraints:
+        stage=STAGE_RE,
+        seed=r"\d+",
+    threads: threads_of("evaluate")
+    resources:
+        **resources_of("evaluate"),
+    params:
+        out=lambda wc, output: str(Path(output[0]).parent),
+        cmd=command_of("evaluate"),
+    shell:
+        "{{ {params.cmd} --config {input.config:q} --out {params.out:q}; }} > {log:q} 2>&1"
+
+
 rule evaluate_split:
     """mIoU of a stage on another prepared split (source_only on the source held-out split: the domain gap)."""
     input:
@@ -134,9 +164,7 @@ rule stage_product:
     resources:
         **resources_of("stage_product"),
     params:
-        cmd=lambda wc, threads, resources: W.step_command(
-            sys.executable, wc.product.replace("_", "-"), threads, resources.gpu,
-            W.resource_key(config, "stage_product", wc.exp) + ".gpu",
-        ),
+        cmd=lambda wc, threads, resources: command_of(wc.product.replace("_", "-"), "stage_product")(
+            wc, threads, resources),
     shell:
         "{{ {params.cmd} --config {input.config:q} --out {output:q}; }} > {log:q} 2>&1"

@@ -1,0 +1,100 @@
+"""The GPU-readiness benchmarks run here without a GPU: ``benchmarks/gpu_step.py`` at its reduced CPU size, and
+the memory tracker of ``benchmarks/memory.py`` against hand-computed sizes and the CPU allocator's own events."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import gpu_step  # noqa: E402
+import memory  # noqa: E402
+
+from tests.train_helpers import one_thread  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_live_memory_counts_storages_until_freed():
+    for mode in (None, FakeTensorMode()):
+        with (mode or torch.no_grad()), memory.LiveMemory(inputs=False) as tracker:
+            a = torch.ones(1000)                    # 4000 bytes
+            b = a * 2                               # 4000
+            view = b[10:20]                         # a view: no new storage
+            del b
+            assert tracker.current == 8000          # the view keeps b's storage alive
+            del view
+            assert tracker.current == 4000
+            c = torch.ones(500, dtype=torch.bfloat16)    # 1000
+            assert tracker.current == 5000
+            del a, c
+        assert (tracker.current, tracker.peak) == (0, 8000), mode
+
+
+def test_live_memory_agrees_with_the_cpu_allocator():
+    """A small network's first forward and backward pass: the tracker's peak is the allocator's (whose events
+    ``memory.profiler_peak`` reads). Matrix products and elementwise ops: no kernel-internal workspace."""
+
+    def iteration():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+        x = torch.randn(64, 256)
+        return lambda: net(x).square().sum().backward()
+
+    allocator = memory.profiler_peak(iteration())
+    step = iteration()
+    with memory.LiveMemory(inputs=False) as tracker:
+        step()
+    assert allocator > 500_000
+    assert tracker.peak == pytest.approx(allocator, rel=0.001)
+
+
+def test_memory_validation_of_a_stage_under_fake_tensors():
+    """``memory.validate``: a real training iteration, the tracker on it and on its fake twin agree."""
+    got = memory.validate("source_only", "off")
+    real, fake = got["LiveMemory, real tensors"], got["LiveMemory, FakeTensorMode"]
+    assert fake == pytest.approx(real, rel=0.005)
+    assert real == pytest.approx(got["allocator (torch.profiler)"], rel=0.05)
+
+
+def test_memory_table_picks_the_smallest_accumulate_that_fits():
+    gib = memory.GIB
+    rows = [{"stage": "s", "amp": "off", "batch": b, "peak": p * gib, "state": gib}
+            for b, p in ((4, 30), (2, 16), (1, 8))]
+    text = memory.table(rows)
+    # fits: peak + 1 GiB <= 90 % of the capacity: 24 GB -> 16 + 1 <= 21.6 (batch 2, accumulate 2); 40 and 80 GB:
+    # 30 + 1 <= 36 (batch 4)
+    assert text.splitlines()[2] == "| s | off | 1.00 | 30.00 | 16.00 | 8.00 | 2 | 1 | 1 |"
+    rows[2]["peak"] = 25 * gib
+    rows[1]["peak"] = 25 * gib
+    assert memory.table(rows).splitlines()[2].endswith("| no | 1 | 1 |")
+
+
+def test_gpu_step_runs_at_the_reduced_size(capsys):
+    rows = gpu_step.main(["--small", "--stages", "stage1", "stage2", "--amp", "bf16", "off", "--channels-last",
+                          "on", "--compile", "off", "--iters", "1", "--warmup", "0"])
+    out = capsys.readouterr().out
+    assert [(r["stage"], r["amp"]) for r in rows] == [("stage1", "bf16"), ("stage2", "bf16"), ("stage1", "off"),
+                                                      ("stage2", "off")]
+    for r in rows:
+        assert r["finite"] and r["s_iter"] > 0 and r["peak"] is None
+        assert r["samples_s"] == pytest.approx(2 / r["s_iter"])
+    lines = out.splitlines()
+    assert lines[0] == "| stage | amp | channels_last | compile | s/iter | samples/s | peak CUDA memory GiB |"
+    assert lines[2].startswith("| stage1 | bf16 | on | off | ") and lines[2].endswith(" | n/a |")
+    assert len(lines) == 6
+
+
+def test_gpu_step_order_and_time_limit(capsys):
+    order = gpu_step.configurations(["source_only", "stage1"], ["bf16", "off"], [True, False], [False, True])
+    assert order[:2] == [("source_only", "bf16", True, False), ("stage1", "bf16", True, False)]
+    assert all(c[0] == "stage1" for c in order[2:9]) and len(order) == 16
+    rows = gpu_step.main(["--small", "--stages", "stage1", "--amp", "bf16", "--channels-last", "on",
+                          "--compile", "off", "--time-limit", "0"])
+    assert [r.get("error") for r in rows] == ["not run (time limit)"]
+    assert "| stage1 | bf16 | on | off | not run (time limit) |  |  |" in capsys.readouterr().out
