@@ -189,7 +189,7 @@ class Method:
         facts: dict[str, Any] = {"student_init": student_init(self.cfg),
                                  "amp": self.amp.mode if self.amp.enabled else "off"}
         report = getattr(self.student, "init_report", None)
-        if report is not None and self.cfg.init_checkpoint is None:  # what model.init gave the student
+        if report is not None:  # what model.init gave the student (None with init_checkpoint)
             facts["student_init_report"] = {"loaded": report["loaded"],
                                             "missing": dict(Counter(k.split(".", 1)[0] for k in report["missing"])),
                                             "unexpected": dict(Counter(k.split(".", 1)[0]
