@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -130,9 +131,23 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.splitlines())
 
 
+def _log_handler(step: str) -> logging.Handler:
+    """Send the package's log records (``logging.getLogger(__name__)`` in its modules: e.g. how many tensors an
+    init file gave the model) to stderr as ``cpsl <step>: <message>`` lines, which the workflow keeps in the
+    rule's log. Without a handler Python drops records below WARNING. Under torchrun only rank 0 logs INFO."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"cpsl {step}: %(message)s"))
+    handler.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
+    logger = logging.getLogger("cpsl")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     step = next(s for s in STEPS if s.name == args.step)
+    handler = _log_handler(step.name)
     try:
         run_step(step, args.config, args.out, getattr(args, "stage", None))
     except CpslError as err:
@@ -141,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cpsl {step.name}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        logging.getLogger("cpsl").removeHandler(handler)
     return 0
 
 

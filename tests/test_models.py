@@ -224,6 +224,55 @@ def test_init_simclr_format(tmp_path):
         load_init_weights(tiny(), plain, "simclr")
 
 
+def test_a_stage_from_init_checkpoint_does_not_read_model_init(tmp_path):
+    """#21: stages 1 and 3 of the presets (init_checkpoint: the warm-up, stage 2) also inherit the experiment's
+    model.init (the ImageNet file); it was read, logged as loaded and then overwritten by the checkpoint. Now it
+    is not read at all (here: an unreadable file that would stop the stage)."""
+    import json
+
+    from tests.reliability_helpers import run_cli
+    from tests.train_helpers import TINY_MODEL, train_dict, write_config
+
+    first = tmp_path / "first"
+    rc, err = run_cli("train", write_config(tmp_path / "a.yaml", train_dict(tmp_path, max_iters=1)), first)
+    assert rc == 0, err[-2000:]
+    bad = tmp_path / "resnet18-00000000.pth"
+    bad.write_bytes(b"not a torch file")
+    model = {**TINY_MODEL, "init": str(bad)}
+    cfg = train_dict(tmp_path, "source_only", max_iters=1, model=model, init_checkpoint=str(first / "checkpoint.pt"))
+    rc, err = run_cli("train", write_config(tmp_path / "b.yaml", cfg), tmp_path / "second")
+    assert rc == 0, err[-2000:]
+    assert str(bad) not in err
+    summary = json.loads((tmp_path / "second" / "train_summary.json").read_text())
+    assert summary["student_init"] == f"checkpoint:{first / 'checkpoint.pt'}" and "student_init_report" not in summary
+
+
+@pytest.mark.parametrize("amp, ran", [("bf16", "bf16"), ("fp16", "off")])
+def test_training_logs_and_records_what_the_init_file_gave(tmp_path, amp, ran):
+    """#21: the load report ("loaded N tensors ...") reached no log, as the CLI set up no log handler (Python
+    drops INFO records then), so a preset run did not show whether its ImageNet / SimCLR file was used; and the
+    summary did not say in which precision the stage ran. Both are in the train log and train_summary.json."""
+    import json
+
+    from tests.reliability_helpers import run_cli
+    from tests.train_helpers import TINY_MODEL, train_dict, write_config
+
+    path = tmp_path / "r101_1x_sk0.pth"
+    state = _fake_torchvision_file(build_model(ModelConfig(**TINY_MODEL)), path, wrap=True)
+    model = {**TINY_MODEL, "init": str(path), "init_format": "simclr", "bn_pretrain": True}
+    cfg = train_dict(tmp_path, "source_only", max_iters=1, amp=amp, model=model)
+    out = tmp_path / "run"
+    rc, err = run_cli("train", write_config(tmp_path / "train.yaml", cfg), out)
+    assert rc == 0, err[-2000:]
+    n_head = sum(k.startswith("layer5.") for k in build_model(ModelConfig(**TINY_MODEL)).state_dict())
+    assert (f"cpsl train: {path}: loaded {len(state) - 2} tensors; {n_head + 4} model keys not in file "
+            f"(bn_pretrain.*: 4, layer5.*: {n_head}); 2 file keys unused (fc.*: 2)\n") in err
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["student_init"] == f"simclr:{path}" and summary["amp"] == ran
+    assert summary["student_init_report"] == {"loaded": len(state) - 2,
+                                              "missing": {"layer5": n_head, "bn_pretrain": 4}, "unexpected": {"fc": 2}}
+
+
 def test_init_from_our_checkpoint_takes_everything_but_the_head(tmp_path):
     torch.manual_seed(0)
     src = tiny()

@@ -13,6 +13,8 @@ The loop (``cpsl.train.loop``) steps the schedulers, logs, checks for NaN and ch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,7 +126,10 @@ def build_student(cfg: TrainConfig, ctx: TrainContext) -> nn.Module:
     """The segmentation network: ``model.init`` weights or ``init_checkpoint``, SyncBN under multi-GPU DDP
     (``model.sync_bn``), frozen BatchNorm when ``freeze_bn``, on the run's device (``place``: the
     ``channels_last`` setting)."""
-    model = build_model(cfg.model)
+    # with init_checkpoint, model.init (set for the whole experiment, e.g. the presets' ImageNet file) is not
+    # read: the checkpoint replaces every weight
+    model = build_model(cfg.model if cfg.init_checkpoint is None else dataclasses.replace(cfg.model, init=None))
+    report = model.init_report
     if cfg.init_checkpoint is not None:
         state = load_checkpoint(cfg.init_checkpoint)
         check_model_fits(state, cfg.model, cfg.init_checkpoint)
@@ -133,7 +138,9 @@ def build_student(cfg: TrainConfig, ctx: TrainContext) -> nn.Module:
         model = convert_sync_bn(model)
     if cfg.freeze_bn:
         freeze_bn(model)
-    return place(model, ctx.device, cfg.channels_last)
+    model = place(model, ctx.device, cfg.channels_last)
+    model.init_report = report  # what model.init loaded (``train_summary.json``), kept across a SyncBN conversion
+    return model
 
 
 def student_init(cfg: TrainConfig) -> str:
@@ -266,7 +273,15 @@ class Method:
     def describe(self) -> dict[str, Any]:
         """Plain JSON-able facts about this run (e.g. ``student_init``), merged into ``train_summary.json`` and
         stored under ``extra`` in the checkpoints. Subclasses add their own entries."""
-        return {"student_init": student_init(self.cfg)}
+        facts: dict[str, Any] = {"student_init": student_init(self.cfg),
+                                 "amp": self.amp.mode if self.amp.enabled else "off"}
+        report = getattr(self.student, "init_report", None)
+        if report is not None:  # what model.init gave the student (None with init_checkpoint)
+            facts["student_init_report"] = {"loaded": report["loaded"],
+                                            "missing": dict(Counter(k.split(".", 1)[0] for k in report["missing"])),
+                                            "unexpected": dict(Counter(k.split(".", 1)[0]
+                                                                       for k in report["unexpected"]))}
+        return facts
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self, full: bool = True) -> dict[str, Any]:
