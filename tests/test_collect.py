@@ -11,7 +11,7 @@ from cpsl.labels import CLASSES_19
 from cpsl.steps import collect
 
 
-def write_metrics(root, exp, seed, stage, miou, road, split="target_val", init=None, jsonl=False):
+def write_metrics(root, exp, seed, stage, miou, road, split="target_val", init=None, jsonl=False, backbone=None):
     folder = root / exp / f"seed{seed}" / stage
     if split != "target_val":
         folder = folder / f"eval_{split}"
@@ -23,6 +23,9 @@ def write_metrics(root, exp, seed, stage, miou, road, split="target_val", init=N
     (folder / "metrics.json").write_text(json.dumps(m))
     if init:
         (folder / "train_summary.json").write_text(json.dumps({"student_init": init}))
+    if backbone:  # what cpsl train records in the stage's folder
+        stage_dir = root / exp / f"seed{seed}" / stage
+        (stage_dir / "config.yaml").write_text(f"stage: {stage}\nmodel:\n  backbone: {backbone}\n  n_class: 19\n")
     if jsonl:
         lines = [{"iteration": i, "loss/ce_source": 1.0 / i} for i in (10, 20, 30)]
         (folder / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
@@ -32,11 +35,11 @@ def write_metrics(root, exp, seed, stage, miou, road, split="target_val", init=N
 def test_table_with_mean_and_std_over_seeds(tmp_path):
     res = tmp_path / "results"
     files = [
-        write_metrics(res, "demo", 0, "warmup", 40.0, 90.0, init="random", jsonl=True),
-        write_metrics(res, "demo", 1, "warmup", 44.0, 94.0, init="random"),
+        write_metrics(res, "demo", 0, "warmup", 40.0, 90.0, init="random", jsonl=True, backbone="mit_b5"),
+        write_metrics(res, "demo", 1, "warmup", 44.0, 94.0, init="random", backbone="mit_b5"),
         write_metrics(res, "demo", 0, "source_only", 35.0, 80.0),
         write_metrics(res, "demo", 1, "source_only", 37.0, 82.0),
-        write_metrics(res, "demo", 0, "source_only", 60.0, 97.0, split="source_val"),
+        write_metrics(res, "demo", 0, "source_only", 60.0, 97.0, split="source_val", backbone="resnet101"),
         write_metrics(res, "demo", 0, "stage1", 45.0, 93.0, init=f"checkpoint:{res}/demo/seed0/warmup/checkpoint.pt"),
         write_metrics(res, "demo", 1, "stage1", 47.0, 95.0, init=f"checkpoint:{res}/demo/seed1/warmup/checkpoint.pt"),
     ]
@@ -44,7 +47,7 @@ def test_table_with_mean_and_std_over_seeds(tmp_path):
     rows = list(csv.DictReader((res / "summary.csv").open()))
     header = list(rows[0].keys())
     assert header[:6] == ["experiment", "seed", "stage", "selection", "miou", "miou13"]
-    assert header[6:25] == list(CLASSES_19) and header[25:] == ["split", "init", "iteration"]
+    assert header[6:25] == list(CLASSES_19) and header[25:] == ["split", "backbone", "init", "iteration"]
     order = [(r["stage"], r["seed"], r["split"]) for r in rows]
     assert order == [("source_only", "0", "target_val"), ("source_only", "1", "target_val"),
                      ("source_only", "mean", "target_val"), ("source_only", "std", "target_val"),
@@ -58,6 +61,9 @@ def test_table_with_mean_and_std_over_seeds(tmp_path):
     # sample std of (40, 44) = sqrt(((-2)^2 + 2^2) / 1) = 2.8284
     assert float(warm_std["miou"]) == pytest.approx(2.8284, abs=1e-4)
     assert warm_mean["wall"] == "" and warm_mean["init"] == "random" and rows[0]["init"] == ""
+    # the backbone from the stage's recorded training config (seed 0's source-only folder has one: both of its
+    # evaluations show it; seed 1's has none)
+    assert [rows[i]["backbone"] for i in (4, 6, 0, 1, 12)] == ["mit_b5", "mit_b5", "resnet101", "", "resnet101"]
     md = (res / "summary.md").read_text()
     assert "| demo | mean | warmup | target_val | last | 42.0 |" in md
     assert (f"Student initialisation per stage: stage1: checkpoint:{res}/demo/seed<S>/warmup/checkpoint.pt; "
@@ -132,7 +138,7 @@ def test_each_experiment_gets_its_own_class_columns(tmp_path):
     collect.run(CollectConfig(metrics=files, plots=True, notes=["mine: no oracle row, as it has no labels"]), res)
     mine = list(csv.reader((res / "mine" / "summary.csv").open()))
     assert mine[0] == ["experiment", "seed", "stage", "selection", "miou", "miou13", "ground", "miou",
-                       "cell|nucleus", "a, b", "split", "init", "iteration"]
+                       "cell|nucleus", "a, b", "split", "backbone", "init", "iteration"]
     assert [r[1] for r in mine[1:]] == ["0", "1", "mean", "std"]
     assert mine[1][4] == "36.7" and mine[1][6:10] == ["70.0", "10.0", "", "30.0"]
     assert mine[3][4] == "37.7" and mine[3][6] == "75.0"
@@ -140,8 +146,8 @@ def test_each_experiment_gets_its_own_class_columns(tmp_path):
     assert demo[0][6:25] == list(CLASSES_19) and demo[1][6] == "90.0"
     # the overall table: every experiment's mIoU rows, no class columns (the two experiments' classes differ)
     both = list(csv.DictReader((res / "summary.csv").open()))
-    assert list(both[0]) == ["experiment", "seed", "stage", "selection", "miou", "miou13", "split", "init",
-                             "iteration"]
+    assert list(both[0]) == ["experiment", "seed", "stage", "selection", "miou", "miou13", "split", "backbone",
+                             "init", "iteration"]
     assert [(r["experiment"], r["seed"]) for r in both] == [("demo", "0"), ("mine", "0"), ("mine", "1"),
                                                            ("mine", "mean"), ("mine", "std")]
     md = (res / "summary.md").read_text()

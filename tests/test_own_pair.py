@@ -137,7 +137,7 @@ def test_own_pairs_run_every_stage_into_their_own_tables(own_run):
     base, _ = own_run
     res = base / "results"
     shore = _table(res / "shore" / "summary.csv")
-    assert shore[0][6:9] == ["sand", "rock", "seaweed"] and shore[0][9:] == ["split", "init", "iteration"]
+    assert shore[0][6:9] == ["sand", "rock", "seaweed"] and shore[0][9:] == ["split", "backbone", "init", "iteration"]
     assert [r[2] for r in shore[1:]] == ["source_only", "warmup", "stage1", "stage2", "stage3", "oracle"]
     cells = _table(res / "cells" / "summary.csv")
     assert cells[0][6:8] == ["background", "nucleus"]

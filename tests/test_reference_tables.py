@@ -78,7 +78,7 @@ def test_a_preset_table_has_the_reference_and_delta_rows_in_its_class_order(tmp_
         reader = csv.reader(fh)
         header = next(reader)
         table = [dict(zip(header, row)) for row in reader]
-    assert header == [*collect.BASE_COLUMNS, *CLASSES_19, "split", "init", "iteration", "reference"]
+    assert header == [*collect.BASE_COLUMNS, *CLASSES_19, "split", "backbone", "init", "iteration", "reference"]
     assert [(r["stage"], r["seed"], r["selection"]) for r in table] == [
         ("warmup", "0", "last"), ("warmup", "1", "last"), ("warmup", "mean", "last"), ("warmup", "std", "last"),
         ("warmup", "delta", "last"), ("warmup", "paper", "reported"), ("warmup", "peer", "reported"),

@@ -4,8 +4,8 @@ Writes into ``out`` (the workflow uses ``results/``)::
 
     <experiment>/summary.csv  per experiment: one row per seed, stage and evaluated split, plus ``mean`` and
                   ``std`` rows (over seeds) where several seeds ran; columns ``experiment, seed, stage, selection,
-                  miou, miou13, <the experiment's class names>, split, init, iteration`` (interfaces.md; ``split``,
-                  ``init`` and ``iteration`` extend it). Per-class values are IoU percent, empty where a class
+                  miou, miou13, <the experiment's class names>, split, backbone, init, iteration`` (interfaces.md;
+                  ``split``, ``backbone``, ``init`` and ``iteration`` extend it). Per-class values are IoU percent, empty where a class
                   never occurred. The class names are the experiment's own, in train-id order, from its
                   metrics.json files (its label table or ``classes.txt``).
     <experiment>/summary.md   the same as a Markdown table (mIoU, mIoU-13 and per-class IoU, one decimal; iteration)
@@ -26,8 +26,9 @@ Writes into ``out`` (the workflow uses ``results/``)::
                                           Cityscapes palette (from each evaluation's samples/, see evaluate)
 
 ``split`` is the evaluated prepared split (``target_val`` for the headline rows, ``source_val`` for the
-source-only model on held-out source images); ``init`` is how the stage's student was initialised, as
-recorded by training (``train_summary.json``).
+source-only model on held-out source images); ``backbone`` is the network the stage trained (``model.backbone``
+of its recorded ``config.yaml``: resnet101, mit_b5, ...; for reference rows the paper's); ``init`` is how the
+stage's student was initialised, as recorded by training (``train_summary.json``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from cpsl.config import CollectConfig
 from cpsl.errors import DataError
@@ -49,7 +51,7 @@ from cpsl.provenance import atomic_write_text
 
 STAGE_ORDER = ("source_only", "warmup", "stage1", "stage2", "stage3", "oracle")
 BASE_COLUMNS = ("experiment", "seed", "stage", "selection", "miou", "miou13")
-EXTRA_COLUMNS = ("split", "init", "iteration")
+EXTRA_COLUMNS = ("split", "backbone", "init", "iteration")
 REFERENCE_COLUMN = "reference"   # after EXTRA_COLUMNS, in a table with reference rows: what the row reports
 # Rows of a stage: ``last`` first (the default, the honest number), then ``best_on_val``, then the others.
 SELECTION_ORDER = ("last", "best_on_val")
@@ -84,6 +86,21 @@ def _init_of(metrics_path: Path) -> str:
     return ""
 
 
+def _backbone_of(metrics_path: Path) -> str:
+    """The network the evaluated model was trained as (``model.backbone`` of the stage's training config, which
+    ``cpsl train`` records as ``config.yaml`` in the stage's folder): resnet101, mit_b5, ...; "" if unknown."""
+    for folder in (metrics_path.parent, metrics_path.parent.parent):
+        recorded = folder / "config.yaml"
+        if recorded.is_file():
+            try:
+                data = yaml.safe_load(recorded.read_text(encoding="utf-8"))
+            except (yaml.YAMLError, UnicodeDecodeError):
+                return ""
+            model = data.get("model") if isinstance(data, dict) else None
+            return str(model.get("backbone", "")) if isinstance(model, dict) else ""
+    return ""
+
+
 def load_rows(paths: list[Path]) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
     """One row per metrics.json (the interfaces.md fields, split, init, and ``iou``: per-class IoU by name), and
     each experiment's class names in train-id order. Every metrics.json of an experiment must name the same
@@ -106,7 +123,8 @@ def load_rows(paths: list[Path]) -> tuple[list[dict[str, Any]], dict[str, list[s
             "experiment": m["experiment"], "seed": m["seed"], "stage": m["stage"],
             "selection": m.get("selection", "last"), "miou": m["miou"], "miou13": m.get("miou13"),
             "split": Path(m["data"]).name if m.get("data") else "target_val",
-            "init": _init_of(Path(path)), "iteration": m.get("iteration"), "iou": dict(m["per_class"]),
+            "backbone": _backbone_of(Path(path)), "init": _init_of(Path(path)), "iteration": m.get("iteration"),
+            "iou": dict(m["per_class"]),
         })
     rows.sort(key=_row_order)
     return rows, {exp: names for exp, (names, _) in classes.items()}
@@ -141,7 +159,7 @@ def aggregate(rows: list[dict[str, Any]], class_names: list[str]) -> list[dict[s
             continue
         iterations = {r["iteration"] for r in members}   # best_on_val: each seed's own best iteration
         mean_row = {"experiment": exp, "seed": "mean", "stage": stage, "selection": selection, "split": split,
-                    "init": members[0]["init"], "iteration": iterations.pop() if len(iterations) == 1 else None,
+                    "backbone": members[0].get("backbone", ""), "init": members[0]["init"], "iteration": iterations.pop() if len(iterations) == 1 else None,
                     "iou": {}}
         std_row = dict(mean_row, seed="std", iou={})
         for col in ("miou", "miou13"):
@@ -204,7 +222,7 @@ def reference_rows(reference: list[dict[str, Any]], exp: str, ours: list[dict[st
     for r in shown:
         rows.append({"experiment": exp, "seed": "paper" if r["method"] == PAPER_METHOD else "peer",
                      "stage": r["stage"], "selection": r["selection"], "miou": r["miou"], "miou13": r["miou13"],
-                     "split": "target_val", "init": "", "iteration": r["iteration"],
+                     "split": "target_val", "backbone": r["backbone"], "init": "", "iteration": r["iteration"],
                      "iou": {c: r["iou"].get(c) for c in class_names},
                      REFERENCE_COLUMN: f"{r['method']} ({r['backbone']}; {r['source']})"})
     for (stage, selection) in sorted({(r["stage"], r["selection"]) for r in mine}):
@@ -221,7 +239,8 @@ def reference_rows(reference: list[dict[str, Any]], exp: str, ours: list[dict[st
         at = f" at iteration {base['iteration']}" if base["iteration"] is not None else ""
         rows.append({"experiment": exp, "seed": "delta", "stage": stage, "selection": selection,
                      "miou": _difference(own["miou"], base["miou"]),
-                     "miou13": _difference(own.get("miou13"), base["miou13"]), "split": "target_val", "init": "",
+                     "miou13": _difference(own.get("miou13"), base["miou13"]), "split": "target_val",
+                     "backbone": own.get("backbone", ""), "init": "",
                      "iteration": own["iteration"],
                      "iou": {c: _difference(own["iou"].get(c), base["iou"].get(c)) for c in class_names},
                      REFERENCE_COLUMN: f"ours ({own['seed']}) minus {PAPER_METHOD} {base['selection']}{at} "
