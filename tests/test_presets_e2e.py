@@ -243,6 +243,7 @@ def test_the_tables_hold_every_stage_with_the_presets_classes(preset_run, exp):
     assert header[header.index("miou13") + 1: header.index("miou13") + 1 + n_class] == names
     thirteen = [c for c in names if c not in ("wall", "fence", "pole")]
     for r in (r for r in rows if r["seed"] == str(SEED)):
+        assert r["backbone"] == "resnet101", r
         m = json.loads((res / exp / f"seed{SEED}" / r["stage"] / "metrics.json").read_text())
         assert m["n_class"] == n_class and m["iteration"] == ITERS and m["n_images"] == 4
         present = [v for v in m["per_class"].values() if v is not None]
