@@ -162,9 +162,10 @@ def fake_batch(mode: FakeTensorMode, batch: dict[str, dict[str, Any]]) -> dict[s
             for d, b in batch.items()}
 
 
-def measure(stage: str, amp: str, batch: int, iterations: int = 2, **over: Any) -> dict[str, Any]:
-    """Peak and state bytes of iteration ``iterations`` of ``stage`` at micro-batch ``batch``."""
-    cfg = preset_config(stage, amp=amp, **{"data.batch_size": batch, "selflabel.cutmix_p": 0.0, **over})
+@contextlib.contextmanager
+def fake_method(cfg: Any) -> Any:
+    """``(mode, method)``: the stage's method built under a ``FakeTensorMode`` (no real memory), with the host code
+    that must run on real tensors patched out of the fake mode until the block ends."""
     patches = host_code_outside_fake()
     for p in patches:
         p.start()
@@ -172,6 +173,16 @@ def measure(stage: str, amp: str, batch: int, iterations: int = 2, **over: Any) 
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode, fake_build(cfg):
             method = offline_method(cfg)
+        yield mode, method
+    finally:
+        for p in patches:
+            p.stop()
+
+
+def measure(stage: str, amp: str, batch: int, iterations: int = 2, **over: Any) -> dict[str, Any]:
+    """Peak and state bytes of iteration ``iterations`` of ``stage`` at micro-batch ``batch``."""
+    cfg = preset_config(stage, amp=amp, **{"data.batch_size": batch, "selflabel.cutmix_p": 0.0, **over})
+    with fake_method(cfg) as (mode, method):
         with unset_fake_temporarily():
             real = random_batches(cfg, method, iterations)
         batches = [fake_batch(mode, b) for b in real]
@@ -200,9 +211,6 @@ def measure(stage: str, amp: str, batch: int, iterations: int = 2, **over: Any) 
                 del b
         return {"stage": stage, "amp": amp, "batch": batch, "peak": tracker.peak, "state": state,
                 "seconds": time.perf_counter() - t0}
-    finally:
-        for p in patches:
-            p.stop()
 
 
 def fits(peak: int, capacity_gib: int) -> bool:
@@ -267,21 +275,12 @@ def validate(stage: str = "source_only", amp: str = "off") -> dict[str, int]:
     with LiveMemory(inputs=False) as tracker:
         method.step(batch)
     out["LiveMemory, real tensors"] = tracker.peak
-    patches = host_code_outside_fake()
-    for p in patches:
-        p.start()
-    try:
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with mode, fake_build(cfg):
-            method = offline_method(cfg)
+    with fake_method(cfg) as (mode, method):
         fake = fake_batch(mode, batch)
         with mode, LiveMemory(inputs=False) as tracker:
             method.train_mode()
             method.step(fake)
         out["LiveMemory, FakeTensorMode"] = tracker.peak
-    finally:
-        for p in patches:
-            p.stop()
     return out
 
 
