@@ -18,7 +18,7 @@ from cpsl.methods.distill import kd_reference
 from cpsl.methods.losses import REFERENCE_N_CLASS, class_divisor, logit_sinkhorn_epsilon, sinkhorn_iterations
 from cpsl.methods.selflabel import consistency_loss
 from cpsl.methods.sinkhorn import sinkhorn
-from cpsl.methods.shares import ShareMonitor, class_counts
+from cpsl.methods.shares import ShareMonitor, class_counts, class_map
 
 from .train_helpers import train_dict
 
@@ -148,6 +148,13 @@ def test_class_counts_by_hand():
     pred = torch.tensor([[[0, 1, 1], [2, 1, 0]]])
     valid = torch.tensor([[[True, True, False], [True, True, True]]])
     assert class_counts(pred, valid, 3).tolist() == [2.0, 2.0, 1.0]
+
+
+def test_class_map_is_argmax_with_the_first_index_on_ties():
+    logits = torch.tensor([[[[0.5, 2.0]], [[1.0, 2.0]], [[1.0, -1.0]]]])  # (1, 3, 1, 2): ties at both pixels
+    assert class_map(logits).tolist() == [[[1, 0]]]                        # the first of the tied classes
+    rounded = torch.randn(4, 19, 24, 48).mul(4).round()                    # many ties
+    assert torch.equal(class_map(rounded), rounded.argmax(1))
 
 
 def _monitor(drift=0.15, logs=2, marginal=(0.8, 0.2)):

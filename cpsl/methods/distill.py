@@ -79,6 +79,7 @@ from cpsl.inference import load_model_from_checkpoint
 from cpsl.labels import IGNORE_INDEX
 from cpsl.methods.base import Method, Micro, TrainContext, scaled, set_requires_grad
 from cpsl.methods.losses import class_divisor, global_mean, seg_cross_entropy, upsample
+from cpsl.methods.shares import class_map
 from cpsl.methods.selflabel import load_class_marginal
 from cpsl.train.dist import host_to_device
 
@@ -326,7 +327,7 @@ class Distill(Method):
             ce_source = seg_cross_entropy(ps, src["label"], count=micro.count_for("label/source"))
             s_logits = upsample(self.net(image)["out"], size)
             ce_pseudo = seg_cross_entropy(s_logits, labels, count=micro.count_for("pseudo"))
-        self.shares.add(s_logits.detach().argmax(1), t_logits.argmax(1), valid)
+        self.shares.add(class_map(s_logits.detach()), class_map(t_logits), valid)
         kd = kd_loss(s_logits, t_logits, valid, d.kd_mode,
                      class_divisor(self.cfg.model.n_class, self.cfg.reference_class_scaling),
                      count=micro.count_for("kd"))

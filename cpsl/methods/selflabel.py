@@ -108,6 +108,7 @@ from cpsl.labels import IGNORE_INDEX
 from cpsl.methods.base import Method, Micro, TrainContext, scaled, set_requires_grad
 from cpsl.methods.losses import (class_divisor, logit_sinkhorn_epsilon, seg_cross_entropy, sinkhorn_iterations,
                                  upsample)
+from cpsl.methods.shares import class_map
 from cpsl.methods.sinkhorn import PixelQueue, safe_normalize, self_label_loss
 from cpsl.models import freeze_bn, revert_sync_bn
 from cpsl.train.data import _seed_int
@@ -584,7 +585,7 @@ class SelfLabel(Method):
         shown = labels != IGNORE_INDEX
         if cutmix:
             shown = shown & ~box_on_grid(self.quarter, tuple(x.shape[-2:]), box, x.device)[None]
-        self.shares.add(out_q.detach().argmax(1), labels, shown)
+        self.shares.add(class_map(out_q.detach()), labels, shown)
         if sl.sce:
             l_cts, _, _ = sce_loss(out_q, train_labels, sl.sce_alpha, sl.sce_beta)
         else:
