@@ -89,8 +89,12 @@ def run_step(step: Step, config_path: Path, out: Path, stage: str | None = None)
         raise C.ConfigError(f"{config_path}: stage: the config says {cfg.stage!r} but --stage is {stage!r}")
     module, func = step.function.split(":")
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 writes files
-    # --out must be the step's own folder (never a user's folder, a file or an input): checked before anything runs
-    outputs.check_out(out, step.name, replaces=step.replaces_out, inputs=outputs.input_paths(cfg))
+    # --out must be the step's own folder (never a user's folder, a file or an input): checked before anything runs,
+    # by the rank that writes (under torchrun another rank checking at the same time could see rank 0's first
+    # temporary file in the new folder before its marker, and refuse a folder that is ours; if rank 0 refuses,
+    # torchrun stops the others)
+    if main_rank:
+        outputs.check_out(out, step.name, replaces=step.replaces_out, inputs=outputs.input_paths(cfg))
     if main_rank and not step.replaces_out:
         outputs.claim_dir(out, step.name)
     if main_rank:

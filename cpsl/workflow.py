@@ -680,7 +680,7 @@ RULE_KINDS = ("synth", "prepare", "train", "evaluate", "stage_product", "collect
 # wall-clock limit in minutes (SLURM -t); gpu: GPUs per node (0: the step runs on the CPU; >1: one process per GPU,
 # launched with torchrun; auto: 1 if a CUDA device is usable on the machine that runs Snakemake, else 0, resolved once
 # per run by cpsl.gpus.resolve_auto); nodes: machines (>1: SLURM only, one torchrun per node started by srun, the
-# processes meeting through torchrun's c10d rendezvous on the job's first node).
+# processes meeting at the job's first node, torchrun's static rendezvous with --node_rank $SLURM_NODEID).
 RESOURCE_KEYS = ("threads", "mem_mb", "runtime", "gpu", "nodes")
 # What a kind gets for a key that config.yaml does not set.
 DEFAULT_RESOURCES = {"threads": 2, "mem_mb": 4000, "runtime": 60, "gpu": 0, "nodes": 1}
@@ -798,9 +798,12 @@ def step_command(python: str, step: str, threads: int, gpu: int, setting: str = 
     nodes > 1 (inside a SLURM job of ``nodes`` nodes, one task each: ``slurm_resources``): ``srun`` starts, on
     every node (a step with the job's ``threads`` cores and ``gpu`` GPUs per node, named explicitly: the executor
     plugin hands the job's shell an environment without SLURM's per-job defaults), the CUDA check and
-    ``torchrun --nnodes N --nproc_per_node G`` with c10d rendezvous at the job's first node (``scontrol show
-    hostnames``) on a port derived from the job id; the rule's ``--config``/``--out``
-    reach the step through ``"$@"``. Outside SLURM (no ``SLURM_JOB_ID``) it stops with one line naming the
+    ``torchrun --nnodes N --nproc_per_node G --node_rank $SLURM_NODEID`` with its static rendezvous at the job's
+    first node (``scontrol show hostnames``) on a port derived from the job id; the rule's ``--config``/``--out``
+    reach the step through ``"$@"``. Static, not c10d: under c10d the agent of the node that hosts the store can
+    exit at the end while another node's agent still polls it, which fails that node's agent (exit 1) after a
+    successful run (seen in CI with two agents on one machine); static agents meet at an exit barrier and do not
+    poll. Outside SLURM (no ``SLURM_JOB_ID``) it stops with one line naming the
     ``nodes`` setting.
     """
     import shlex
@@ -820,7 +823,7 @@ def step_command(python: str, step: str, threads: int, gpu: int, setting: str = 
     first = '$(scontrol show hostnames "${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}" | head -n 1)'
     port = f"$(( {RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN} ))"
     per_node = (f"{check}{env} {py} -m torch.distributed.run --nnodes {nodes} --nproc_per_node {gpu} "
-                f'--rdzv_backend c10d --rdzv_id "$SLURM_JOB_ID" --rdzv_endpoint "{first}:{port}" '
+                f'--node_rank "$SLURM_NODEID" --master_addr "{first}" --master_port "{port}" '
                 f'-m cpsl {step} "$@"')
     why = (f"cpsl-pipeline: error: {nodes_key} is {nodes}: a job on several nodes runs only under SLURM "
            "(snakemake --workflow-profile slurm); set it to 1 to run here")

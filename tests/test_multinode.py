@@ -2,7 +2,7 @@
 what the SLURM executor plugin submits for it, training on 2 nodes x 2 processes equal to 1 node x 4 processes,
 and the inference steps sharded over processes (and nodes) equal to one process.
 
-The multi-node runs here are two torchrun agents on this one machine meeting through c10d rendezvous on
+The multi-node runs here are two torchrun agents on this one machine, node ranks 0 and 1, meeting at
 127.0.0.1 (gloo, CPU): the launcher's code path of a SLURM job, without a second machine or GPUs.
 """
 
@@ -129,7 +129,7 @@ def _fake_bin(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def test_multi_node_command_runs_torchrun_on_every_node_with_c10d_rendezvous(tmp_path):
+def test_multi_node_command_runs_torchrun_on_every_node_with_its_node_rank(tmp_path):
     bin_dir = _fake_bin(tmp_path)
     python = str(bin_dir / FAKE_PYTHON_NAME)
     cmd = W.step_command(python, "train", 16, 4, "experiment_settings.x.resources.train.gpu", nodes=2)
@@ -149,7 +149,7 @@ def test_multi_node_command_runs_torchrun_on_every_node_with_c10d_rendezvous(tmp
         expected.append(f"node={node} OMP_NUM_THREADS= CPSL_DEVICE= -m cpsl.gpus 4 "
                         "experiment_settings.x.resources.train.gpu")  # the CUDA check on every node
         expected.append(f"node={node} OMP_NUM_THREADS=4 CPSL_DEVICE=cuda -m torch.distributed.run --nnodes 2 "
-                        f"--nproc_per_node 4 --rdzv_backend c10d --rdzv_id 4242 --rdzv_endpoint gpu-a01:{port} "
+                        f"--nproc_per_node 4 --node_rank {node} --master_addr gpu-a01 --master_port {port} "
                         f"-m cpsl train --config {tmp_path / 'my cfg.yaml'} --out out")
     assert sorted(lines[1:]) == sorted(expected)
 
@@ -261,7 +261,7 @@ def test_multi_node_command_inside_a_real_slurm_job(tmp_path):
     assert lines[:-1] == [
         "node=0 OMP_NUM_THREADS= CPSL_DEVICE= -m cpsl.gpus 1 resources.train.gpu",
         f"node=0 OMP_NUM_THREADS=1 CPSL_DEVICE=cuda -m torch.distributed.run --nnodes 2 --nproc_per_node 1 "
-        f"--rdzv_backend c10d --rdzv_id {job} --rdzv_endpoint {host}:{port} -m cpsl train --config c.yaml --out out"]
+        f"--node_rank 0 --master_addr {host} --master_port {port} -m cpsl train --config c.yaml --out out"]
 
 
 # --- the same results on several nodes --------------------------------------------------------------------------
@@ -273,18 +273,17 @@ def _free_port() -> int:
 
 
 def launch(nodes: int, nproc: int, step: str, config: Path, out: Path) -> list[subprocess.Popen]:
-    """``cpsl <step>`` under torchrun: ``nodes`` agents of ``nproc`` processes each, meeting through c10d
-    rendezvous on 127.0.0.1 as the agents of a multi-node SLURM job meet at its first node (one agent:
-    ``--standalone``)."""
-    if nodes == 1:
-        launcher = ["--standalone", "--nproc_per_node", str(nproc)]
-    else:
-        launcher = ["--nnodes", str(nodes), "--nproc_per_node", str(nproc), "--rdzv_backend", "c10d",
-                    "--rdzv_id", "cpsl-test", "--rdzv_endpoint", f"127.0.0.1:{_free_port()}"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "cpsl", step, "--config", str(config),
-           "--out", str(out)]
-    return [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
-            for _ in range(nodes)]
+    """``cpsl <step>`` under torchrun: ``nodes`` agents of ``nproc`` processes each, node ranks 0..nodes-1 meeting
+    at 127.0.0.1 as the agents of a multi-node SLURM job meet at its first node (``workflow.step_command``; one
+    agent: ``--standalone``)."""
+    port = str(_free_port())
+    launchers = ([["--standalone"]] if nodes == 1 else
+                 [["--nnodes", str(nodes), "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port",
+                   port] for rank in range(nodes)])
+    return [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc_per_node",
+                              str(nproc), "-m", "cpsl", step, "--config", str(config), "--out", str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+            for launcher in launchers]
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -378,7 +377,7 @@ def test_workflow_gives_a_two_node_job_its_slurm_resources_and_command(tmp_path)
     assert "gpu=" not in train.replace("tasks_per_gpu=", "").replace("gres=gpu:", "")
     assert "srun --nodes 2 --ntasks 2 --ntasks-per-node 1 --cpus-per-task=" in train
     assert " --gres=gpu:2 --kill-on-bad-exit=1 bash -c " in train
-    assert ("--nnodes 2 --nproc_per_node 2 --rdzv_backend c10d" in train
+    assert ("--nnodes 2 --nproc_per_node 2 --node_rank" in train
             and "experiment_settings.demo.resources.train.nodes is 2" in train)
     assert "--config results/demo/seed0/configs/train_warmup.yaml --out results/demo/seed0/warmup" in train
     evaluate = job_block(out, "evaluate", "stage=warmup")

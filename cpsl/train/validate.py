@@ -60,8 +60,10 @@ class Validator:
         saved = ((state or {}).get("extra") or {}).get(STATE_KEY) or {}
         self.best = saved.get("best_miou")
         self.best_iteration = saved.get("best_iteration")
-        if state is None and info.is_main:
-            (out / BEST).unlink(missing_ok=True)   # an earlier run's best model, not this run's
+        if state is None and info.is_main and (out / BEST).is_file():
+            # an earlier run's best model, not this run's (is_file: a `checkpoints` that is not a folder is left
+            # for the first checkpoint save to report, on every rank at once)
+            (out / BEST).unlink()
         if not self.enabled:
             return
         self.split = inference.open_split(cfg.eval_data, "eval_data")
