@@ -308,6 +308,14 @@ def markdown(rows: list[dict], class_names: list[str], extra_notes: list[str] = 
     return "\n".join(lines + notes + [f"Note: {n}." for n in extra_notes]) + "\n"
 
 
+def _save(fig: Any, path: Path, plt: Any, dpi: int = 100) -> Path:
+    """Lay out, write and close one figure; returns its path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _plots(out: Path, rows: list[dict], classes: dict[str, list[str]],
            stage_dirs: dict[tuple, Path]) -> list[Path]:
     import matplotlib
@@ -337,11 +345,7 @@ def _plots(out: Path, rows: list[dict], classes: dict[str, list[str]],
         ax.set_ylim(0, 100)
         ax.set_title(f"{exp}: per-class IoU on target val" + (" (mean over seeds)" if multi else ""))
         ax.legend(fontsize=7, ncol=3)
-        fig.tight_layout()
-        path = plot_dir / f"{exp}_per_class.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        made.append(path)
+        made.append(_save(fig, plot_dir / f"{exp}_per_class.png", plt, dpi=110))
     by_seed: dict[tuple, dict[str, Path]] = defaultdict(dict)
     for (exp, seed, stage), folder in stage_dirs.items():
         if (folder / "metrics.jsonl").is_file():
@@ -363,11 +367,7 @@ def _plots(out: Path, rows: list[dict], classes: dict[str, list[str]],
                 _share_panel(axes[1][col], stage, series[stage]["share"], classes.get(exp, []))
         fig.suptitle(f"{exp} seed {seed}: training losses" + (" and predicted class shares on the target"
                                                               if with_shares else ""))
-        fig.tight_layout()
-        path = plot_dir / f"{exp}_seed{seed}_curves.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        made.append(path)
+        made.append(_save(fig, plot_dir / f"{exp}_seed{seed}_curves.png", plt))
     made += _validation_plots(plot_dir, by_seed, plt)
     made += _sample_plots(plot_dir, stage_dirs, plt)
     return made
@@ -396,11 +396,7 @@ def _validation_plots(plot_dir: Path, logs_by_seed: dict[tuple, dict[str, Path]]
             ax.set_ylabel("mIoU (%)")
             ax.legend(fontsize=6)
         fig.suptitle(f"{exp} seed {seed}: mIoU on the validation images during training", fontsize=9)
-        fig.tight_layout()
-        path = plot_dir / f"{exp}_seed{seed}_validation.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        made.append(path)
+        made.append(_save(fig, plot_dir / f"{exp}_seed{seed}_validation.png", plt))
     return made
 
 
@@ -479,11 +475,7 @@ def _sample_plots(plot_dir: Path, stage_dirs: dict[tuple, Path], plt: Any) -> li
                 if r == 0:
                     ax.set_title(cols[c], fontsize=8)
         fig.suptitle(f"{exp} seed {seed}: target val predictions", fontsize=9)
-        fig.tight_layout()
-        path = plot_dir / f"{exp}_seed{seed}_samples.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        made.append(path)
+        made.append(_save(fig, plot_dir / f"{exp}_seed{seed}_samples.png", plt))
     return made
 
 
