@@ -15,8 +15,8 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import cpsl
 from cpsl import config as C
@@ -95,9 +95,8 @@ def run_step(step: Step, config_path: Path, out: Path, stage: str | None = None)
     # torchrun stops the others)
     if main_rank:
         outputs.check_out(out, step.name, replaces=step.replaces_out, inputs=outputs.input_paths(cfg))
-    if main_rank and not step.replaces_out:
-        outputs.claim_dir(out, step.name)
-    if main_rank:
+        if not step.replaces_out:
+            outputs.claim_dir(out, step.name)
         provenance.remove_stale_temps(out)  # temp files of atomic writes by a killed run of this step
     getattr(importlib.import_module(module), func)(cfg, out)
     if main_rank:
