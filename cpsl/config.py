@@ -674,9 +674,10 @@ class TrainConfig:
     off (the default), they are scaled as for 19 classes whatever the number is, so that a weight means the same
     for 2 and for 19 classes, and the iterations are ``ceil(sinkhorn_iters x 19 / K)``, so that the class
     balancing does as much per run (#27; ``cpsl.methods.losses``).
-    ``share_drift``, ``share_drift_logs``: stages 1-3 warn when the student's predicted share of a class on the
-    target stays more than ``share_drift`` (absolute) from the class marginal (or the teacher's share) for
-    ``share_drift_logs`` logged iterations in a row (``cpsl.methods.shares``).
+    ``share_drift``, ``share_drift_ratio``, ``share_drift_logs``: stages 1-3 warn when the student's predicted
+    share of a class on the target stays more than ``share_drift`` (absolute) from the class marginal (or the
+    teacher's share), or below it divided by ``share_drift_ratio`` for a class holding at least ``share_drift / 2``
+    of it (0: no ratio test), for ``share_drift_logs`` logged iterations in a row (``cpsl.methods.shares``).
     ``eval_interval`` (0: off), ``eval_images``, ``eval_data``, ``eval_batch_size``, ``eval_workers``: validation
     during training and ``checkpoints/best.pt`` (``cpsl.train.validate``).
     ``accumulate``: gradient accumulation, k forward/backward passes of ``data.batch_size`` samples (the batch
@@ -706,6 +707,7 @@ class TrainConfig:
     amp: Literal["off", "bf16", "fp16"] = "off"
     reference_class_scaling: bool = False
     share_drift: float = 0.10
+    share_drift_ratio: float = 3.0
     share_drift_logs: int = 3
     # Validation during training (cpsl.train.validate): every eval_interval iterations (and at max_iters) the
     # student, and stage 1's EMA teacher, are evaluated on eval_data (a prepared labelled split: the target val
@@ -734,6 +736,8 @@ class TrainConfig:
                f"must be >= 1 (micro-batches per optimizer step; got {self.accumulate})")
         _check(0.0 < self.share_drift <= 1.0, _join(prefix, "share_drift"),
                f"must be in (0, 1] (a difference of class shares; got {self.share_drift})")
+        _check(self.share_drift_ratio == 0 or self.share_drift_ratio > 1, _join(prefix, "share_drift_ratio"),
+               f"must be > 1, or 0 for no ratio test (a ratio of class shares; got {self.share_drift_ratio})")
         _check(self.share_drift_logs >= 1, _join(prefix, "share_drift_logs"),
                f"must be >= 1 (logged iterations; got {self.share_drift_logs})")
         _check(self.checkpoint_interval >= 1, _join(prefix, "checkpoint_interval"),

@@ -138,6 +138,7 @@ def test_presets_set_the_reference_switch_and_the_template_does_not():
     fields = TrainConfig.__dataclass_fields__
     assert fields["reference_class_scaling"].default is False
     assert (fields["share_drift"].default, fields["share_drift_logs"].default) == (0.10, 3)
+    assert fields["share_drift_ratio"].default == 3.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,6 +204,40 @@ def test_collapse_warning_once_then_only_if_it_persists(capsys):
             "20.0% for the class marginal (more than train.share_drift = 0.15 apart) at the last 2 logged "
             "iterations (since iteration 20)") in first
     assert "at the last 4 logged iterations (since iteration 100)" in warned[2][1]
+
+
+def test_a_dropped_minority_class_warns_by_the_ratio_above_a_floor(capsys):
+    """Class 1 holds 12% of the marginal; the student predicts it on 3%: 0.09 apart, within share_drift 0.10,
+    but under 12% / 3. A class under share_drift / 2 = 5% of the marginal is left to the absolute test."""
+    def run(marginal, ones, ratio, n=100, logs=2):
+        mon = ShareMonitor("stage2", 2, torch.tensor(marginal, dtype=torch.float64), 0.10, logs,
+                           drift_ratio=ratio)
+        for i in range(logs):
+            _window(mon, ones, ones, n=n)
+            mon.log(10 * (i + 1))
+        return capsys.readouterr().err
+
+    err = run((0.88, 0.12), 3, 3.0)
+    assert err == ("cpsl train: stage2: warning: the student predicts class 1 on 3.0% of the target pixels against "
+                   "12.0% for the class marginal (less than 1/3 of it: train.share_drift_ratio = 3) at the last 2 "
+                   "logged iterations (since iteration 10): a collapse toward a fixed class share? (README, own "
+                   "pairs)\n")
+    assert run((0.88, 0.12), 4, 3.0) == ""       # 4% is a third of 12%: not below it
+    assert run((0.88, 0.12), 3, 0.0) == ""       # 0: no ratio test
+    assert run((0.96, 0.04), 0, 3.0) == ""       # a 4% class dropped to 0: under the 5% floor, 0.04 apart
+    assert run((0.95, 0.05), 1, 3.0) != ""       # 5% is at the floor: 1% is under 5% / 3
+    # the large class 0 moves by the same 0.09 and stays far above a third of its share: no line for it
+    assert "class 0" not in run((0.88, 0.12), 3, 3.0)
+
+
+@pytest.mark.parametrize("value, ok", [(0.0, True), (1.5, True), (1.0, False), (0.5, False), (-2.0, False)])
+def test_share_drift_ratio_is_validated(tmp_path, value, ok):
+    data = train_dict(tmp_path, share_drift_ratio=value)
+    if ok:
+        assert load(TrainConfig, data).share_drift_ratio == value
+    else:
+        with pytest.raises(ConfigError, match=r"share_drift_ratio: must be > 1, or 0 for no ratio test"):
+            load(TrainConfig, data)
 
 
 def test_share_monitor_state_survives_a_checkpoint_round_trip(tmp_path, capsys):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,7 @@ SHRUNK_ALL = {"data.crop": [64, 128], "data.batch_size": 2, "max_iters": ITERS}
 # a larger crop); a queue of 4 iterations' pixels (the preset's holds 64 of its 512x896 iterations)
 SHRUNK_STAGE = {"stage1": {"selflabel.pixels_per_image": 16, "selflabel.queue_length": 64}}
 # the GPU jobs of the presets run on the CPU, one thread each
+NEEDS_BYTES = 6_000_000_000
 RESOURCES = {kind: {"threads": 1, "gpu": 0} for kind in ("prepare", "train", "evaluate", "stage_product")}
 
 
@@ -103,6 +105,11 @@ def ci_overlay(data: Path, mirror_url: str, simclr: Path) -> dict:
 @pytest.fixture(scope="module")
 def preset_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("presets")
+    # what the run leaves: 4.2 GB (ResNet-101 checkpoints of 261 MB, stage 1's 522 MB, each with its last.pt a
+    # hard link to it; three 179 MB weight files); two jobs at a time each hold a resumable state beside it
+    free = shutil.disk_usage(base).free
+    assert free > NEEDS_BYTES, (f"{base}: {free / 1e9:.1f} GB free; the two presets' run needs about "
+                                f"{NEEDS_BYTES / 1e9:.1f} GB")
     data = base / "data"
     F.make_gta5(data / "GTA5", n=6, hw=IMAGE_HW["gta5_cityscapes"], unlabelled=1)
     F.make_synthia(data / "SYNTHIA", n=6, hw=IMAGE_HW["synthia_cityscapes"])
@@ -119,7 +126,7 @@ def preset_run(tmp_path_factory):
         assert res.returncode == 0, res.stderr[-4000:]
         yield {"work": work, "data": data, "mirror": mirror, "simclr": simclr}
     finally:
-        # the ResNet-101 checkpoints and weight files are 11 GB, and pytest keeps the last 3 runs' folders: they
+        # the ResNet-101 checkpoints and weight files are 4.2 GB, and pytest keeps the last 3 runs' folders: they
         # go, the logs, configs, metrics and tables stay for a look after a failure
         for path in base.rglob("*"):
             if path.is_file() and path.stat().st_size > 10_000_000:

@@ -44,9 +44,12 @@ def test_lr_per_group_and_outputs(tmp_path, pair_dir):  # noqa: F811
     final = load_checkpoint(tmp_path / "checkpoint.pt")
     assert final["iteration"] == 5 and final["config"]["stage"] == "warmup" and final["seed"] == cfg.seed
     assert "discriminator" in final and "optimizer" not in final
-    # the resumable state is kept at max_iters (a rerun after losing checkpoint.pt rebuilds it, no retraining)
-    last = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert last["iteration"] == 5 and "optimizer" in last
+    # last.pt is the final checkpoint itself, one file on disk (a rerun after losing checkpoint.pt publishes it
+    # again, no retraining)
+    last = tmp_path / "checkpoints" / "last.pt"
+    assert last.samefile(tmp_path / "checkpoint.pt") and last.stat().st_nlink == 2
+    assert final["extra"]["inputs"] == loop.input_fingerprints(cfg) and "grad_scaler" not in final["extra"]
+    assert not list(last.parent.glob(".*.tmp"))
     assert json.loads((tmp_path / "train_summary.json").read_text())["iterations"] == summary["iterations"] == 5
 
 
@@ -211,11 +214,36 @@ def test_finished_run_rebuilds_a_lost_final_checkpoint_and_restarts_on_new_setti
     assert summary["resumed_from"] == 3 and summary["time_per_iter"] is None
     rebuilt = load_checkpoint(out / "checkpoint.pt")["model"]
     assert all(torch.equal(first[k], rebuilt[k]) for k in first)
+    assert (out / "checkpoints" / "last.pt").samefile(out / "checkpoint.pt")
     # the workflow reruns a finished stage whose settings changed: it starts over instead of refusing
     cfg2 = train_config(pair_dir, "source_only", max_iters=3, checkpoint_interval=2, **{"optim.lr": 0.05})
     summary = train(cfg2, out)
     assert summary["resumed_from"] == 0
     assert load_checkpoint(out / "checkpoint.pt")["config"]["optim"]["lr"] == 0.05
+
+
+def test_without_hard_links_last_pt_stays_the_resumable_state(tmp_path, pair_dir, monkeypatch):  # noqa: F811
+    """A file system without hard links (EPERM from link()): checkpoint.pt is written, last.pt stays the full
+    resumable state at max_iters, and a lost checkpoint.pt is rebuilt from it as before."""
+    import errno
+    import os
+
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "o"
+    cfg = train_config(pair_dir, "source_only", max_iters=3, checkpoint_interval=2)
+    train(cfg, out)
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert last["iteration"] == 3 and "optimizer" in last and "optimizer" not in load_checkpoint(out / "checkpoint.pt")
+    assert not (out / "checkpoints" / "last.pt").samefile(out / "checkpoint.pt")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt"]
+    first = load_checkpoint(out / "checkpoint.pt")["model"]
+    (out / "checkpoint.pt").unlink()
+    assert train(cfg, out)["resumed_from"] == 3
+    rebuilt = load_checkpoint(out / "checkpoint.pt")["model"]
+    assert all(torch.equal(first[k], rebuilt[k]) for k in first)
 
 
 def test_the_loop_reads_the_losses_once_per_log_line():

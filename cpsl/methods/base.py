@@ -187,7 +187,8 @@ class Method:
     def share_monitor(self, marginal: torch.Tensor | None) -> ShareMonitor:
         """The stage's ``ShareMonitor`` (class shares of student, teacher and ``marginal`` on the target)."""
         self.shares = ShareMonitor(self.cfg.stage, self.cfg.model.n_class, marginal, self.cfg.share_drift,
-                                   self.cfg.share_drift_logs, self.ctx.device, self.ctx.dist.is_main)
+                                   self.cfg.share_drift_logs, self.ctx.device, self.ctx.dist.is_main,
+                                   self.cfg.share_drift_ratio)
         return self.shares
 
     def log_shares(self, done: int) -> tuple[dict[str, float], str]:
@@ -295,16 +296,20 @@ class Method:
                 state["shares"] = self.shares.state_dict()
         return state
 
-    def load_state_dict(self, state: dict[str, Any], path: Any = "checkpoint") -> None:
-        for k in [*self.nets, *self.optimizers, "scheduler"]:
+    def load_state_dict(self, state: dict[str, Any], path: Any = "checkpoint", resumable: bool = True) -> None:
+        """Restore a checkpoint of this stage. ``resumable=False``: a finished run's final checkpoint (no optimizers
+        or schedulers: nothing is left to train), whose networks and monitor are restored to publish it again."""
+        optimizers = [*self.optimizers, "scheduler"] if resumable else []
+        for k in [*self.nets, *optimizers]:
             if k not in state:
                 raise CheckpointError(f"{path}: no {k!r} entry (not a resumable {self.name} checkpoint)")
         for k, m in self.nets.items():
             load_model_state(m, state[k], path, what=k)
-        for k, o in self.optimizers.items():
-            o.load_state_dict(state[k])
-        for k, s in self.schedulers.items():
-            s.load_state_dict(state["scheduler"][k])
+        if resumable:
+            for k, o in self.optimizers.items():
+                o.load_state_dict(state[k])
+            for k, s in self.schedulers.items():
+                s.load_state_dict(state["scheduler"][k])
         # a checkpoint written before the monitor was saved (#27) resumes with a fresh one
         if self.shares is not None and "shares" in state:
             try:

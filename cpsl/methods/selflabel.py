@@ -709,11 +709,11 @@ class SelfLabel(Method):
         state["queues"] = self.queue.state_dict()
         return state
 
-    def load_state_dict(self, state: dict[str, Any], path: Any = "checkpoint") -> None:
+    def load_state_dict(self, state: dict[str, Any], path: Any = "checkpoint", resumable: bool = True) -> None:
         for k in ("prototypes", "prototypes_ema", "queues"):
             if k not in state:
                 raise CheckpointError(f"{path}: no {k!r} entry (not a resumable stage1 checkpoint)")
-        super().load_state_dict(state, path)
+        super().load_state_dict(state, path, resumable)
         for name, t in (("prototypes", self.prototypes), ("prototypes_ema", self.prototypes_ema)):
             if tuple(state[name].shape) != tuple(t.shape):
                 raise CheckpointError(f"{path}: {name} has shape {tuple(state[name].shape)}, expected {tuple(t.shape)}")

@@ -26,6 +26,7 @@ is deleted by the next save into the same folder.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -241,6 +242,30 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def link_checkpoint(source: str | Path, target: str | Path) -> bool:
+    """Make ``target`` a hard link to ``source`` (same file, no second copy on disk), replacing ``target``
+    atomically: a temp link in ``target``'s folder renamed over it. False, with ``target`` unchanged, where the
+    file system has no hard links (or ``source`` is on another one); other errors raise CheckpointError."""
+    source, target = Path(source), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target.parent)
+    tmp = target.parent / f"{temp_prefix(target)}link.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+    except OSError as err:
+        if err.errno in (errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            return False
+        raise CheckpointError(f"{target}: cannot link it to {source} ({err.strerror or err})") from None
+    try:
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{target}: cannot link it to {source} ({err.strerror or err})") from None
+    _fsync_dir(target.parent)
+    return True
 
 
 class _Sink:

@@ -15,11 +15,12 @@
 Outputs in ``out`` (written by rank 0 only)::
 
     checkpoints/last.pt   resumable state (networks, optimizers, schedulers, grad scaler, iteration, RNG states
-                          of every rank, config, seed); kept at max_iters after the end, so a job killed
-                          after the final save (and whose checkpoint.pt Snakemake then deletes) finishes on
-                          rerun without retraining; a finished run with other settings or other inputs is
-                          discarded on rerun
-    checkpoint.pt         the final model (networks only, ``iteration`` = max_iters, config, seed)
+                          of every rank, config, seed, input fingerprints); at the end a hard link to
+                          checkpoint.pt (one copy on disk), so a job killed after the final save (and whose
+                          checkpoint.pt Snakemake then deletes) finishes on rerun without retraining; a finished
+                          run with other settings or other inputs is discarded on rerun
+    checkpoint.pt         the final model: networks (and stage 1's prototypes and queues), ``iteration`` =
+                          max_iters, config, seed, RNG states and input fingerprints; no optimizer state
     checkpoints/best.pt   with eval_interval: the student with the best validation mIoU so far (cpsl.train.validate)
     metrics.jsonl         one JSON object per log line: iteration, loss/<name> (mean over the last
                           log_interval iterations), lr/<group> (the rate used by that iteration), time_iter,
@@ -60,8 +61,8 @@ from cpsl import progress
 from cpsl.config import TrainConfig, load, to_dict
 from cpsl.errors import CheckpointError, ConfigError, CpslError
 from cpsl.methods import Amp, Method, TrainContext, build_method
-from cpsl.models.checkpoint import (capture_rng_state, load_checkpoint, make_checkpoint, restore_rng_state,
-                                    save_checkpoint)
+from cpsl.models.checkpoint import (capture_rng_state, link_checkpoint, load_checkpoint, make_checkpoint,
+                                    restore_rng_state, save_checkpoint)
 from cpsl.provenance import atomic_write_text
 from cpsl.train import dist as D
 from cpsl.train.data import HOST_KEYS, _seed_int, build_datasets, build_loaders
@@ -73,7 +74,7 @@ METRICS = "metrics.jsonl"
 SUMMARY = "train_summary.json"
 # Settings that may change between a killed run and its resumption without changing the result.
 RESUME_FREE_KEYS = ("data.workers", "log_interval", "checkpoint_interval", "device", "share_drift",
-                    "share_drift_logs", "eval_batch_size", "eval_workers", "channels_last")
+                    "share_drift_ratio", "share_drift_logs", "eval_batch_size", "eval_workers", "channels_last")
 # The files and folders a stage reads (TrainConfig keys); their fingerprints go into checkpoints/last.pt.
 INPUT_KEYS = ("data.source", "data.target", "init_checkpoint", "model.init", "selflabel.soft_labels",
               "selflabel.prototypes", "selflabel.class_dist", "distill.teacher", "distill.hard_labels",
@@ -325,12 +326,18 @@ def _on_main_rank(info: D.DistInfo, what: str, write: Any) -> None:
 
 def _resumable_state(method: Method, cfg: TrainConfig, iteration: int, amp: Amp,
                      rng_states: list[dict[str, Any]], inputs: dict[str, str],
-                     validator: Validator | None = None) -> dict[str, Any]:
-    """The resumable checkpoint (``checkpoints/last.pt``) after ``iteration`` finished iterations."""
+                     validator: Validator | None = None, final: bool = False) -> dict[str, Any]:
+    """The resumable checkpoint (``checkpoints/last.pt``) after ``iteration`` finished iterations; ``final``: the
+    final checkpoint (``checkpoint.pt``), the same without what only further training needs (the optimizers,
+    schedulers and grad scaler)."""
     parts = {k: v for k, v in method.state_dict(full=True).items() if k != "model"}
+    scaler = {"grad_scaler": amp.state_dict()}
+    if final:
+        parts = {k: v for k, v in parts.items() if k not in method.optimizers and k != "scheduler"}
+        scaler = {}
     return make_checkpoint(method.student, cfg.model, iteration=iteration, rng=rng_states[0],
                            config=to_dict(cfg), seed=cfg.seed,
-                           extra={"stage": cfg.stage, **method.describe(), "grad_scaler": amp.state_dict(),
+                           extra={"stage": cfg.stage, **method.describe(), **scaler,
                                   "rng_per_rank": rng_states, "batch_size": cfg.data.batch_size,
                                   "inputs": inputs, **(validator.state() if validator else {})},
                            **parts)
@@ -382,7 +389,8 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
             raise CheckpointError(f"{last_path}: written by a run with other inputs ({changed}: {now} was "
                                   f"rebuilt or replaced since); resuming would mix the two, delete "
                                   f"{last_path.parent} to start over")
-        method.load_state_dict(state, last_path)
+        # a finished run's last.pt is its final checkpoint (no optimizers): restored to publish it again
+        method.load_state_dict(state, last_path, resumable=not finished)
         amp.load_state_dict(state.get("extra", {}).get("grad_scaler", {}))
         start = int(state["iteration"])
         _say(info, f"resuming from {last_path} at iteration {start}")
@@ -474,15 +482,17 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
         rng_states = gather_rng_states()
         _on_main_rank(info, f"writing {last_path}", lambda: save_checkpoint(
             last_path, _resumable_state(method, cfg, cfg.max_iters, amp, rng_states, inputs, validator)))
+    else:  # a finished run published again: its RNG states as saved
+        rng_states = (state or {}).get("extra", {}).get("rng_per_rank") or [capture_rng_state()]
 
     def write_final() -> None:
-        final = make_checkpoint(method.student, cfg.model, iteration=cfg.max_iters, config=to_dict(cfg),
-                                seed=cfg.seed, rng=capture_rng_state(),
-                                extra={"stage": cfg.stage, **method.describe()},
-                                **{k: v for k, v in method.state_dict(full=False).items() if k != "model"})
-        save_checkpoint(out / FINAL, final)
-        # last.pt (now at max_iters) is kept: if the job is killed before it exits (a time limit), Snakemake
-        # deletes checkpoint.pt as a failed output, and the rerun rebuilds it from last.pt without retraining
+        save_checkpoint(out / FINAL, _resumable_state(method, cfg, cfg.max_iters, amp, rng_states, inputs,
+                                                      validator, final=True))
+        # last.pt becomes the final checkpoint itself (a hard link: one copy on disk, a third of a resumable
+        # state's size in stage 1). If the job is killed before it exits (a time limit), Snakemake deletes
+        # checkpoint.pt as a failed output; last.pt keeps the file, and the rerun publishes it again without
+        # retraining. Where the file system has no hard links, last.pt stays the resumable state at max_iters.
+        link_checkpoint(out / FINAL, last_path)
         atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
 
     _on_main_rank(info, f"writing {out / FINAL}", write_final)
