@@ -686,40 +686,58 @@ RESOURCE_KEYS = ("threads", "mem_mb", "runtime", "gpu", "nodes")
 DEFAULT_RESOURCES = {"threads": 2, "mem_mb": 4000, "runtime": 60, "gpu": 0, "nodes": 1}
 # The rule kinds whose step runs a network and shards its work over processes (torchrun): several GPUs, several nodes.
 DISTRIBUTED_KINDS = ("train", "evaluate", "stage_product")
+# The rule kinds whose jobs belong to one stage: ``<kind>_<stage>`` sections set one stage's resources.
+STAGE_KINDS = ("train", "evaluate", "stage_product")
 # The rendezvous port of a multi-node job: derived from its SLURM job id, so that two jobs that share a first node
 # do not pick the same port (RDZV_PORT_BASE + job id % RDZV_PORT_SPAN, below the usual ephemeral range).
 RDZV_PORT_BASE, RDZV_PORT_SPAN = 20000, 12000
 
 
-def rule_resources(config: dict, kind: str, exp: str | None = None) -> dict[str, int]:
+def resource_sections(config: dict, kind: str, exp: str | None = None,
+                      stage: str | None = None) -> list[tuple[str, dict]]:
+    """(config key, settings) of every section that sets the resources of ``kind``'s jobs, the most general first:
+    ``resources.<kind>``, ``experiment_settings.<exp>.resources.<kind>``, and for one stage's jobs of a kind that
+    has them (``STAGE_KINDS``) ``resources.<kind>_<stage>`` and ``experiment_settings.<exp>.resources.<kind>_<stage>``
+    (e.g. ``train_stage1``: the stage-1 training job only)."""
+    names = [kind] + ([f"{kind}_{stage}"] if stage is not None and kind in STAGE_KINDS else [])
+    out = []
+    for name in names:
+        out.append((f"resources.{name}", (config.get("resources") or {}).get(name) or {}))
+        if exp is not None:
+            out.append((f"experiment_settings.{exp}.resources.{name}",
+                        (experiment_settings(config, exp).get("resources") or {}).get(name) or {}))
+    return out
+
+
+def rule_resources(config: dict, kind: str, exp: str | None = None, stage: str | None = None) -> dict[str, int]:
     """threads, mem_mb, runtime (minutes), gpu (per node) and nodes of one rule kind: the built-in defaults, then
-    ``resources.<kind>``, then ``experiment_settings.<exp>.resources.<kind>``. Only the steps that run a network
-    (``DISTRIBUTED_KINDS``) may use more than one GPU or node; several nodes need ``gpu`` >= 1."""
+    ``resources.<kind>``, then ``experiment_settings.<exp>.resources.<kind>``, then for one ``stage``'s jobs the
+    ``<kind>_<stage>`` sections (``resource_sections``). Only the steps that run a network (``DISTRIBUTED_KINDS``)
+    may use more than one GPU or node; several nodes need ``gpu`` >= 1."""
     if kind not in RULE_KINDS:
         raise ValueError(f"unknown rule kind {kind!r} (known: {', '.join(RULE_KINDS)})")
     res = dict(DEFAULT_RESOURCES)
-    res.update((config.get("resources") or {}).get(kind) or {})
-    key = resource_key(config, kind, exp)
-    if exp is not None:
-        res.update((experiment_settings(config, exp).get("resources") or {}).get(kind) or {})
+    for _, section in resource_sections(config, kind, exp, stage):
+        res.update(section)
+    gpu_key, nodes_key = (resource_key(config, kind, exp, stage, setting) for setting in ("gpu", "nodes"))
     if res["gpu"] == "auto":
         from cpsl.gpus import resolve_auto
 
         res["gpu"] = resolve_auto()[0]
     elif isinstance(res["gpu"], bool) or not isinstance(res["gpu"], int) or res["gpu"] < 0:
-        raise ConfigError(f"config: {key}.gpu: {res['gpu']!r}: expected a number of GPUs (0, 1, 2, ...) or auto")
+        raise ConfigError(f"config: {gpu_key}.gpu: {res['gpu']!r}: expected a number of GPUs (0, 1, 2, ...) or auto")
     if isinstance(res["nodes"], bool) or not isinstance(res["nodes"], int) or res["nodes"] < 1:
-        raise ConfigError(f"config: {key}.nodes: {res['nodes']!r}: expected a number of nodes (1, 2, ...)")
+        raise ConfigError(f"config: {nodes_key}.nodes: {res['nodes']!r}: expected a number of nodes (1, 2, ...)")
     if kind not in DISTRIBUTED_KINDS and res["gpu"] > 1:
-        raise ConfigError(f"config: {key}.gpu: {res['gpu']}: only training and the inference steps (evaluate, "
+        raise ConfigError(f"config: {gpu_key}.gpu: {res['gpu']}: only training and the inference steps (evaluate, "
                           "stage_product) run on several GPUs (use 0 or 1)")
     if res["nodes"] > 1:
         if kind not in DISTRIBUTED_KINDS:
-            raise ConfigError(f"config: {key}.nodes: {res['nodes']}: only training and the inference steps "
+            raise ConfigError(f"config: {nodes_key}.nodes: {res['nodes']}: only training and the inference steps "
                               "(evaluate, stage_product) run on several nodes (use 1)")
         if res["gpu"] < 1:
-            raise ConfigError(f"config: {key}.nodes: {res['nodes']}: a job on several nodes runs on their GPUs; set "
-                              f"{key}.gpu to the GPUs per node (1, 2, ...; not 0 or auto resolved to 0)")
+            raise ConfigError(f"config: {nodes_key}.nodes: {res['nodes']}: a job on several nodes runs on their GPUs; "
+                              f"set {nodes_key}.gpu to the GPUs per node (1, 2, ...; not 0 or auto resolved to 0)")
     return res
 
 
@@ -737,34 +755,41 @@ def check_resources(config: dict) -> dict[str, dict[str, int]]:
     for exp in selected_experiments(config):
         for kind in RULE_KINDS[:-1]:
             out[f"{exp}/{kind}"] = rule_resources(config, kind, exp)
-        check_batch_split(config, exp, out[f"{exp}/train"])
+        for kind in STAGE_KINDS:
+            for stage in stages(config, exp):
+                out[f"{exp}/{kind}_{stage}"] = rule_resources(config, kind, exp, stage)
+        check_batch_split(config, exp, {stage: out[f"{exp}/train_{stage}"] for stage in stages(config, exp)})
     return out
 
 
-def check_batch_split(config: dict, exp: str, res: dict[str, int]) -> None:
-    """Every stage's ``data.batch_size`` divisible by the processes of its training job (nodes x gpu)."""
-    world = world_size(res)
-    if world == 1:
-        return
-    key = resource_key(config, "train", exp)
+def check_batch_split(config: dict, exp: str, res: dict[str, dict[str, int]]) -> None:
+    """Every stage's ``data.batch_size`` divisible by the processes of its training job (nodes x gpu); ``res``:
+    each stage's training resources."""
     for stage in stages(config, exp):
+        world = world_size(res[stage])
+        if world == 1:
+            continue
+        key = resource_key(config, "train", exp, stage, "gpu" if res[stage]["nodes"] == 1 else "nodes")
         batch = train_config(config, exp, seeds(config, exp)[0], stage)["data"]["batch_size"]
         if batch % world:
+            nodes, gpus = res[stage]["nodes"], max(1, res[stage]["gpu"])
             where = ("stages." + stage) if ((listed_stages(config, exp).get(stage) or {}).get("data") or {}).get(
                 "batch_size") is not None else "train"
             raise ConfigError(
                 f"config: experiment_settings.{exp}.{where}.data.batch_size: {batch} (stage {stage}) cannot be split "
-                f"over the {world} processes of {key} (nodes {res['nodes']} x gpu {max(1, res['gpu'])}): it is the "
-                f"batch of all processes together and must be a multiple of {world} (keep the global batch with "
-                "accumulate: k, README \"Several nodes\")")
+                f"over the {world} processes of {key} (nodes {nodes} x gpu {gpus}): "
+                f"it is the batch of all processes together and must be a multiple of {world} (keep the global batch "
+                "with accumulate: k, README \"Several nodes\")")
 
 
-def resource_key(config: dict, kind: str, exp: str | None = None) -> str:
-    """The config key that sets the resources of a rule kind: ``experiment_settings.<exp>.resources.<kind>`` when
-    the experiment overrides them, else ``resources.<kind>``."""
-    if exp is not None and ((experiment_settings(config, exp).get("resources") or {}).get(kind) or {}):
-        return f"experiment_settings.{exp}.resources.{kind}"
-    return f"resources.{kind}"
+def resource_key(config: dict, kind: str, exp: str | None = None, stage: str | None = None,
+                 setting: str | None = None) -> str:
+    """The config key that sets the resources of a rule kind (of one stage's jobs): the most specific section
+    (``resource_sections``) that sets ``setting`` (``gpu``, ...), or any when ``setting`` is None; else
+    ``resources.<kind>``."""
+    keys = [key for key, section in resource_sections(config, kind, exp, stage)
+            if (setting in section if setting is not None else section)]
+    return keys[-1] if keys else f"resources.{kind}"
 
 
 def slurm_resources(res: dict[str, int]) -> dict[str, Any]:

@@ -33,8 +33,13 @@ def test_shipped_resources_demo_on_cpu_and_paper_presets_on_one_gpu(shipped, mon
     monkeypatch.setenv("CPSL_GPU_AUTO", "0")  # gpu: auto as resolved on a machine without a usable GPU
     for kind in W.RULE_KINDS[:-1]:
         demo = W.rule_resources(shipped, kind, "demo")
-        # two cores: one thread per job so that two demo jobs run side by side (synth uses both)
-        assert demo["gpu"] == 0 and demo["threads"] == (2 if kind == "synth" else 1)
+        # two cores: one thread per job so that two demo jobs run side by side (synth uses both, and so do the
+        # chain's pseudo-label, prototype and class-distribution steps, which nothing runs beside)
+        assert demo["gpu"] == 0 and demo["threads"] == (2 if kind in ("synth", "stage_product") else 1)
+    # the chain's training jobs from the warm-up on run alone: both cores; source_only and the oracle run side by
+    # side on one each
+    assert {stage: W.rule_resources(shipped, "train", "demo", stage)["threads"] for stage in W.STAGES} == {
+        "source_only": 1, "oracle": 1, "warmup": 2, "stage1": 2, "stage2": 2, "stage3": 2}
     assert [shipped["resources"][k]["gpu"] for k in W.RULE_KINDS] == [0, 0, "auto", "auto", "auto", 0]
     monkeypatch.setenv("CPSL_GPU_AUTO", "1")  # ... and on one with a GPU: the network steps run on it
     assert {k: W.rule_resources(shipped, k, "demo")["gpu"] for k in W.RULE_KINDS[:-1]} == {
@@ -46,7 +51,8 @@ def test_shipped_resources_demo_on_cpu_and_paper_presets_on_one_gpu(shipped, mon
         assert W.rule_resources(shipped, "prepare", exp)["gpu"] == 0
     assert W.rule_resources(shipped, "collect")["gpu"] == 0
     resolved = W.check_resources(shipped)
-    assert set(resolved) == {"collect"} | {f"demo/{k}" for k in W.RULE_KINDS[:-1]}
+    assert set(resolved) == {"collect"} | {f"demo/{k}" for k in W.RULE_KINDS[:-1]} | {
+        f"demo/{k}_{stage}" for k in W.STAGE_KINDS for stage in W.STAGES}
 
 
 def test_experiment_settings_override_the_top_level_per_key(shipped):
@@ -57,6 +63,46 @@ def test_experiment_settings_override_the_top_level_per_key(shipped):
                                                           "nodes": 1}
     assert W.rule_resources(shipped, "train") == {"threads": 4, "mem_mb": 9000, "runtime": 100, "gpu": 0,
                                                   "nodes": 1}
+
+
+def test_one_stages_jobs_take_their_own_section_over_the_kinds(shipped):
+    """<kind>_<stage> (top level, then the experiment's) over <kind>, key by key; other stages and kinds keep
+    theirs; resource_key names the most specific section that sets anything."""
+    shipped["resources"]["train"] = {"threads": 1, "mem_mb": 8000, "runtime": 240, "gpu": 0}
+    shipped["resources"]["train_stage1"] = {"threads": 2, "runtime": 600}
+    shipped["experiment_settings"]["demo"]["resources"] = {"train": {"mem_mb": 3000},
+                                                           "train_stage1": {"mem_mb": 5000},
+                                                           "evaluate_stage3": {"threads": 2}}
+    W.check_schema(shipped, SCHEMA)
+    assert W.rule_resources(shipped, "train", "demo", "stage1") == {"threads": 2, "mem_mb": 5000, "runtime": 600,
+                                                                    "gpu": 0, "nodes": 1}
+    assert W.rule_resources(shipped, "train", "demo", "stage2") == {"threads": 1, "mem_mb": 3000, "runtime": 240,
+                                                                    "gpu": 0, "nodes": 1}
+    assert W.rule_resources(shipped, "train", "demo")["threads"] == 1
+    assert W.rule_resources(shipped, "evaluate", "demo", "stage3")["threads"] == 2
+    assert W.rule_resources(shipped, "evaluate", "demo", "stage1")["threads"] == 1
+    assert W.resource_key(shipped, "train", "demo", "stage1") == "experiment_settings.demo.resources.train_stage1"
+    assert W.resource_key(shipped, "train", "demo", "stage2") == "experiment_settings.demo.resources.train"
+    del shipped["experiment_settings"]["demo"]["resources"]["train_stage1"]
+    assert W.resource_key(shipped, "train", "demo", "stage1") == "resources.train_stage1"
+    # ... and the most specific section that sets the one setting asked for
+    assert W.resource_key(shipped, "train", "demo", "stage1", "threads") == "resources.train_stage1"
+    assert W.resource_key(shipped, "train", "demo", "stage1", "mem_mb") == "experiment_settings.demo.resources.train"
+    assert W.resource_key(shipped, "train", "demo", "stage1", "gpu") == "resources.train"
+    # kinds without stages (prepare, synth, collect) have no such sections
+    assert W.rule_resources(shipped, "prepare", "demo", "stage1") == W.rule_resources(shipped, "prepare", "demo")
+    # a stage's own GPUs must split its batch (4 over 3 processes), named by its section
+    shipped["resources"]["train_stage2"] = {"gpu": 3}
+    with pytest.raises(ConfigError, match=r"batch_size: 4 \(stage stage2\) cannot be split over the 3 processes of "
+                                          r"resources\.train_stage2 \(nodes 1 x gpu 3\)"):
+        W.check_resources(shipped)
+
+
+@pytest.mark.parametrize("name", ["train_stage4", "collect_stage1", "prepare_warmup", "train_"])
+def test_a_stage_section_of_an_unknown_stage_or_kind_is_refused(shipped, name):
+    shipped["resources"][name] = {"threads": 2}
+    with pytest.raises(ConfigError, match=re.escape(name)):
+        W.check_schema(shipped, SCHEMA)
 
 
 def test_built_in_defaults_without_a_resources_section(shipped):
@@ -328,6 +374,14 @@ def test_rules_take_threads_resources_and_launcher_from_config(tmp_path):
     assert "> results/demo/logs/seed0/train_warmup.log 2>&1" in train
     prepare = job_block(out, "prepare", "role=source_val")
     assert "mem_mb=999" in prepare and "gpu=0" in prepare and "OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES= " in prepare
+    # one stage's section: the stage-1 training job alone takes 3 threads (the demo's own train_stage2 gives
+    # stage 2 two, the top-level train section the warm-up two as well)
+    staged_tiny = copy.deepcopy(tiny)
+    staged_tiny["experiment_settings"]["demo"]["resources"] = {"train": {"gpu": 0}, "train_stage1": {"threads": 3}}
+    staged = dry_run(tmp_path, staged_tiny, "--cores", "4", "--workflow-profile", "none").stdout
+    assert "threads: 3" in job_block(staged, "train", "stage=stage1")
+    assert "OMP_NUM_THREADS=3 " in job_block(staged, "train", "stage=stage1")
+    assert "threads: 2" in job_block(staged, "train", "stage=stage2")
     collect = job_block(out, "collect", "")
     assert "runtime=5" in collect and "mem_mb=555" in collect and "benchmark: results/benchmarks/collect.tsv" in collect
     # the default profile's global GPU limit (resources: gpu=1) lowers the job to one GPU: plain, no torchrun

@@ -42,9 +42,14 @@ def step_config(exp, step, seed=None):
     return STEP_CONFIGS[tag]
 
 
+def job_resources(kind, wc):
+    """The resources of a job of rule kind `kind` (per experiment and per stage where the rule has them)."""
+    return W.rule_resources(config, kind, getattr(wc, "exp", None), getattr(wc, "stage", None))
+
+
 def threads_of(kind):
-    """`threads:` of a rule kind, from config.yaml's `resources` (per experiment where the rule has one)."""
-    return lambda wc: W.rule_resources(config, kind, getattr(wc, "exp", None))["threads"]
+    """`threads:` of a rule kind, from config.yaml's `resources` (job_resources)."""
+    return lambda wc: job_resources(kind, wc)["threads"]
 
 
 def resources_of(kind):
@@ -52,7 +57,7 @@ def resources_of(kind):
     executor plugin reads for GPUs and nodes (W.slurm_resources: gpu on one node; nodes, tasks, gres and mpi on
     several; a key that does not apply is None, which Snakemake leaves out)."""
     def get(wc, key):
-        res = W.rule_resources(config, kind, getattr(wc, "exp", None))
+        res = job_resources(kind, wc)
         return res[key] if key in ("mem_mb", "runtime") else W.slurm_resources(res)[key]
 
     return {key: (lambda wc, key=key: get(wc, key))
@@ -66,12 +71,12 @@ def command_of(step, kind=None):
     kind = kind or step
 
     def command(wc, threads, resources):
-        exp = getattr(wc, "exp", None)
-        res = W.rule_resources(config, kind, exp)
+        exp, stage = getattr(wc, "exp", None), getattr(wc, "stage", None)
+        res = job_resources(kind, wc)
         # one node: the job's gpu resource, which a global limit (the default profile's gpu=1) may have lowered;
         # several: the GPUs per node from config.yaml (the job's gpu resource is unset, see W.slurm_resources)
         gpu = resources.gpu if res["nodes"] == 1 else res["gpu"]
-        return W.step_command(sys.executable, step, threads, gpu, W.resource_key(config, kind, exp) + ".gpu",
-                              res["nodes"])
+        key = W.resource_key(config, kind, exp, stage, "gpu")
+        return W.step_command(sys.executable, step, threads, gpu, key + ".gpu", res["nodes"])
 
     return command
