@@ -488,8 +488,8 @@ def _train(cfg: TrainConfig, out: Path, info: D.DistInfo) -> dict[str, Any]:
     def write_final() -> None:
         save_checkpoint(out / FINAL, _resumable_state(method, cfg, cfg.max_iters, amp, rng_states, inputs,
                                                       validator, final=True))
-        # last.pt becomes the final checkpoint itself (a hard link: one copy on disk, a third of a resumable
-        # state's size in stage 1). If the job is killed before it exits (a time limit), Snakemake deletes
+        # last.pt becomes the final checkpoint itself (a hard link: one copy on disk; a ResNet-101 stage 1
+        # keeps 522 MB instead of 1.3 GB). If the job is killed before it exits (a time limit), Snakemake deletes
         # checkpoint.pt as a failed output; last.pt keeps the file, and the rerun publishes it again without
         # retraining. Where the file system has no hard links, last.pt stays the resumable state at max_iters.
         link_checkpoint(out / FINAL, last_path)
