@@ -19,9 +19,9 @@ teacher's shares of the same window. "Away" is either of:
   the pixels is 0.11 apart, one at 12% predicted on 3% only 0.09: the absolute distance misses the second, and
   more so the fewer pixels a class has, while most of a small class's IoU is gone. The floor keeps the ratio
   away from Cityscapes' rare classes (train, motorcycle: under 1% of the pixels), whose shares are noisy.
- The warning is printed once when that happens, and
-again only if it persists: after 2, 4, 8, ... times as many logged iterations; a class that comes back within
-the distance starts over.
+
+The warning is printed once when that happens, and again only if it persists: after 2, 4, 8, ... times as many
+logged iterations; a class that comes back within the distance starts over.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class ShareMonitor:
         text = f"c{k} s{_short(student[k])} t{_short(teacher[k])}"
         if self.marginal is not None:
             text += f" m{_short(self.marginal[k])}"
-        self._check(done, gaps, student, ref)
+        self._check(done, student, ref)
         return record, text
 
     def _away(self, student: float, ref: float) -> str | None:
@@ -116,7 +116,7 @@ class ShareMonitor:
             return f"less than 1/{self.drift_ratio:g} of it: train.share_drift_ratio = {self.drift_ratio:g}"
         return None
 
-    def _check(self, done: int, gaps: list[float], student: list[float], ref: list[float]) -> None:
+    def _check(self, done: int, student: list[float], ref: list[float]) -> None:
         what = "the class marginal" if self.marginal is not None else "the teacher's share"
         for k in range(self.n_class):
             why = self._away(student[k], ref[k])
@@ -130,9 +130,9 @@ class ShareMonitor:
                 self.next_warn[k] *= 2
                 if self.is_main:
                     print(f"cpsl train: {self.stage}: warning: the student predicts class {k} on "
-                          f"{student[k]:.1%} of the target pixels against {ref[k]:.1%} for {what} ({why}) at the last {self.streak[k]} logged "
-                          f"iterations (since iteration {self.since[k]}): a collapse toward a fixed class share? "
-                          f"(README, own pairs)", file=sys.stderr, flush=True)
+                          f"{student[k]:.1%} of the target pixels against {ref[k]:.1%} for {what} ({why}) at "
+                          f"the last {self.streak[k]} logged iterations (since iteration {self.since[k]}): a "
+                          f"collapse toward a fixed class share? (README, own pairs)", file=sys.stderr, flush=True)
 
 
 def _short(share: float) -> str:
