@@ -24,6 +24,6 @@ include: "workflow/rules/collect.smk"
 
 
 rule all:
+    default_target: True
     input:
         W.final_targets(config),
-    default_target: True

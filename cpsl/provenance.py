@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -124,6 +125,18 @@ def dump_yaml(data: Any) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
+def _installed_version(dist: str) -> str | None:
+    """The package's ``__version__`` when the step imported it (torch's names its build, e.g. ``+cu130``),
+    otherwise the installed distribution's version (without importing it)."""
+    module = sys.modules.get(dist)
+    if module is not None and isinstance(getattr(module, "__version__", None), str):
+        return module.__version__
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def run_info(step: str, seed: int | None = None, device: str | None = None) -> dict:
     """What ran: the step, the package version and git commit, the seed, the command, where, and (for steps that
     run a network) the device it ran on; under the workflow's ``gpu: auto`` also what that resolved to and why
@@ -137,6 +150,8 @@ def run_info(step: str, seed: int | None = None, device: str | None = None) -> d
         "seed": seed,
         "command": sys.argv,
         "python": platform.python_version(),
+        "torch": _installed_version("torch"),
+        "torchvision": _installed_version("torchvision"),
         "host": platform.node(),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

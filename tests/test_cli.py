@@ -39,6 +39,9 @@ def test_missing_config_file(tmp_path):
 
 
 def test_success_records_config_and_run_info(tmp_path, monkeypatch):
+    import torch  # noqa: F401  (imported before the step runs, as by every step that runs a network)
+    import torchvision  # noqa: F401
+
     calls = []
     step = cli.Step("fake", "test step", "SynthConfig", "tests.test_cli:_fake_step")
     monkeypatch.setattr(cli, "_fake_calls", calls, raising=False)
@@ -53,6 +56,16 @@ def test_success_records_config_and_run_info(tmp_path, monkeypatch):
     assert info["step"] == "fake" and info["seed"] == 3 and info["cpsl_version"] == "0.1.0"
     assert info["git_commit"]
     assert "device" not in info  # synth runs no network
+    # the software that ran: torch's own __version__ names its build ("+cu130", "+cpu"); imported above
+    assert info["torch"] == torch.__version__ and info["torchvision"] == torchvision.__version__
+    # a package the step did not import is read from its installed distribution, without importing it
+    from importlib.metadata import version
+
+    from cpsl import provenance
+
+    assert "snakefmt" not in sys.modules and provenance._installed_version("snakefmt") == version("snakefmt")
+    assert "snakefmt" not in sys.modules
+    assert provenance._installed_version("no-such-distribution") is None
 
 
 def test_run_info_records_the_device_and_what_gpu_auto_resolved_to(tmp_path, monkeypatch):

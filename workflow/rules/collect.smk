@@ -1,4 +1,5 @@
 # The results table and plots from every stage's metrics.json.
+# No conda/container directive on these rules: common.smk says why (next to CPSL).
 
 
 rule collect:
@@ -12,14 +13,26 @@ rule collect:
         metrics=lambda wc: W.metrics_files(config),
         references=lambda wc: list(W.reference_files(config, REFERENCE_DIR).values()),
     output:
-        csv=report(RESULTS / "summary.csv", caption="../report/summary.rst", category="Results table",
-                   subcategory="all experiments (mIoU)"),
+        csv=report(
+            RESULTS / "summary.csv",
+            caption="../report/summary.rst",
+            category="Results table",
+            subcategory="all experiments (mIoU)",
+        ),
         md=RESULTS / "summary.md",
-        tables=[report(RESULTS / exp / "summary.csv", caption="../report/summary.rst", category="Results table",
-                       subcategory=exp) for exp in EXPERIMENTS],
+        tables=[
+            report(
+                RESULTS / exp / "summary.csv",
+                caption="../report/summary.rst",
+                category="Results table",
+                subcategory=exp,
+            )
+            for exp in EXPERIMENTS
+        ],
         mds=[RESULTS / exp / "summary.md" for exp in EXPERIMENTS],
-        plots=report(directory(RESULTS / "plots"), patterns=["{name}.png"], caption="../report/plots.rst",
-                     category="Plots"),
+        plots=report(
+            directory(RESULTS / "plots"), patterns=["{name}.png"], caption="../report/plots.rst", category="Plots"
+        ),
     log:
         RESULTS / "logs" / "collect.log",
     benchmark:

@@ -25,10 +25,21 @@ RESULTS = W.results_dir(config)
 if any(arg == "--report" or arg.startswith("--report=") for arg in sys.argv[1:]):
     missing = W.missing_report_files(config)
     if missing:
-        print(f"cpsl-pipeline: error: snakemake --report needs a finished run: {missing[0]} does not exist yet; "
-              "run `snakemake --cores N` first (with the same --config/--configfile)", file=sys.stderr)
+        print(
+            f"cpsl-pipeline: error: snakemake --report needs a finished run: {missing[0]} does not exist yet; "
+            "run `snakemake --cores N` first (with the same --config/--configfile)",
+            file=sys.stderr,
+        )
         sys.exit(1)
 # The same Python that runs Snakemake (a venv need not be activated for the jobs to find the package).
+#
+# Why the rules have no `conda` or `container` directive (`snakemake --lint`, "Specify a conda environment or
+# container for each rule"): every job runs this package in the interpreter that runs Snakemake, so the jobs'
+# software is the one environment the user installed (pyproject.toml, or environment.yml for conda), pinned there
+# (torch, torchvision) and recorded by each step in its run_info.json. A per-rule environment would be a second
+# copy of the 5.5 GB torch install per rule kind, built on every cluster node's first job, and could drift from
+# the package that Snakemake itself imports to resolve the configs (cpsl.workflow). The lint stays, answered here
+# (tests/test_workflow_style.py checks that it is the only one).
 CPSL = f"{shlex.quote(sys.executable)} -m cpsl"
 EXPERIMENTS = W.selected_experiments(config)
 
@@ -53,15 +64,18 @@ def threads_of(kind):
 
 
 def resources_of(kind):
-    """`resources:` of a rule kind from config.yaml's `resources`: mem_mb, runtime in minutes, and what the SLURM
-    executor plugin reads for GPUs and nodes (W.slurm_resources: gpu on one node; nodes, tasks, gres and mpi on
-    several; a key that does not apply is None, which Snakemake leaves out)."""
+    """The `resources` of one kind of rule, from config.yaml's `resources` (mem_mb, runtime in minutes) and what
+    the SLURM executor plugin reads for GPUs and nodes (W.slurm_resources: gpu on one node; nodes, tasks, gres and
+    mpi on several; a key that does not apply is None, which Snakemake leaves out)."""
+
     def get(wc, key):
         res = job_resources(kind, wc)
         return res[key] if key in ("mem_mb", "runtime") else W.slurm_resources(res)[key]
 
-    return {key: (lambda wc, key=key: get(wc, key))
-            for key in ("mem_mb", "runtime", "gpu", "nodes", "tasks", "tasks_per_gpu", "gres", "mpi")}
+    return {
+        key: (lambda wc, key=key: get(wc, key))
+        for key in ("mem_mb", "runtime", "gpu", "nodes", "tasks", "tasks_per_gpu", "gres", "mpi")
+    }
 
 
 def command_of(step, kind=None):
@@ -80,3 +94,31 @@ def command_of(step, kind=None):
         return W.step_command(sys.executable, step, threads, gpu, key + ".gpu", res["nodes"])
 
     return command
+
+
+# Input functions of the rules (`snakemake --lint` wants functions here, not beside the rules).
+
+
+def prepare_inputs(wc):
+    """The split's resolved config, and the generated pair for an experiment that has one (the demo)."""
+    inputs = {"config": step_config(wc.exp, f"prepare_{wc.role}")}
+    if W.has_synth(config, wc.exp):
+        inputs["synth"] = W.synth_dir(config, wc.exp)
+    return inputs
+
+
+def train_inputs(wc):
+    """The stage's resolved config, the prepared splits it reads and what it consumes from earlier stages."""
+    inputs = {"config": step_config(wc.exp, f"train_{wc.stage}", wc.seed)}
+    if wc.stage != "oracle":
+        inputs["source"] = W.prepared_dir(config, wc.exp, "source")
+    if wc.stage != "source_only":
+        inputs["target"] = W.prepared_dir(config, wc.exp, "target_train")
+    for key, path in W.stage_input_files(config, wc.exp, int(wc.seed), wc.stage).items():
+        inputs[key.replace(".", "_")] = path
+    if W.eval_interval(config, wc.exp, wc.stage) > 0:  # validation during training (eval_interval)
+        inputs["val"] = W.prepared_dir(config, wc.exp, "target_val")
+    imagenet = W.imagenet_file(config, wc.exp, wc.stage)
+    if imagenet is not None:  # model.init: imagenet
+        inputs["imagenet"] = imagenet
+    return inputs

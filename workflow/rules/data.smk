@@ -1,4 +1,5 @@
 # Data: generate the synthetic pair (demo only) and prepare every dataset role of an experiment.
+# No conda/container directive on these rules: common.smk says why (next to CPSL).
 
 
 rule synth:
@@ -18,13 +19,6 @@ rule synth:
         cmd=command_of("synth"),
     shell:
         "{{ {params.cmd} --config {input.config:q} --out {output:q}; }} > {log:q} 2>&1"
-
-
-def prepare_inputs(wc):
-    inputs = {"config": step_config(wc.exp, f"prepare_{wc.role}")}
-    if W.has_synth(config, wc.exp):
-        inputs["synth"] = W.synth_dir(config, wc.exp)
-    return inputs
 
 
 rule prepare:

@@ -1,23 +1,7 @@
 # Training stages and the inference steps on their checkpoints.
+# No conda/container directive on these rules: common.smk says why (next to CPSL).
 
 STAGE_RE = "|".join(W.STAGES)
-
-
-def train_inputs(wc):
-    """The stage's resolved config, the prepared splits it reads and what it consumes from earlier stages."""
-    inputs = {"config": step_config(wc.exp, f"train_{wc.stage}", wc.seed)}
-    if wc.stage != "oracle":
-        inputs["source"] = W.prepared_dir(config, wc.exp, "source")
-    if wc.stage != "source_only":
-        inputs["target"] = W.prepared_dir(config, wc.exp, "target_train")
-    for key, path in W.stage_input_files(config, wc.exp, int(wc.seed), wc.stage).items():
-        inputs[key.replace(".", "_")] = path
-    if W.eval_interval(config, wc.exp, wc.stage) > 0:  # validation during training (eval_interval)
-        inputs["val"] = W.prepared_dir(config, wc.exp, "target_val")
-    imagenet = W.imagenet_file(config, wc.exp, wc.stage)
-    if imagenet is not None:  # model.init: imagenet
-        inputs["imagenet"] = imagenet
-    return inputs
 
 
 rule fetch_weights:
@@ -50,8 +34,8 @@ rule train:
     wildcard_constraints:
         stage=STAGE_RE,
         seed=r"\d+",
-    threads: threads_of("train")
     priority: lambda wc: W.chain_priority(config, wc.exp, wc.stage)
+    threads: threads_of("train")
     resources:
         **resources_of("train"),
     params:
@@ -159,12 +143,13 @@ rule stage_product:
         stage=STAGE_RE,
         seed=r"\d+",
         product="|".join(W.PRODUCTS),
-    threads: threads_of("stage_product")
     priority: lambda wc: W.chain_priority(config, wc.exp, wc.stage) + 5
+    threads: threads_of("stage_product")
     resources:
         **resources_of("stage_product"),
     params:
         cmd=lambda wc, threads, resources: command_of(wc.product.replace("_", "-"), "stage_product")(
-            wc, threads, resources),
+            wc, threads, resources
+        ),
     shell:
         "{{ {params.cmd} --config {input.config:q} --out {output:q}; }} > {log:q} 2>&1"
