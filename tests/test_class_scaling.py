@@ -301,6 +301,12 @@ def test_few_class_benchmark_pairs_and_config(tmp_path):
     assert shares["target/val"] == pytest.approx([0.856, 0.144], abs=1e-3)
     assert shares["source/train"] == pytest.approx([0.8168, 0.1832], abs=1e-4)
     assert (tmp_path / "few2" / "target" / "classes.txt").read_text() == "background\nnucleus\n"
+    # the shift changes each class's look but swaps none (few3's source fibres were once the target nuclei's
+    # colour: 0.26 of those pixels nearest the source nucleus colour, 0.67 nearest the fibre's)
+    for n_class, diagonal in ((2, [0.98, 0.85]), (3, [0.93, 0.69, 0.76])):
+        confusion = fc.colour_confusion(n_class)
+        assert confusion.sum(1) == pytest.approx(1.0)
+        assert confusion.diagonal() == pytest.approx(diagonal, abs=0.01), confusion
     exp = fc.experiment(tmp_path / "few2", 2, [0, 1, 2])
     assert "oracle" not in exp["stages"] and exp["datasets"]["target_train"]["labels"] is False
     assert {s: exp["stages"][s]["max_iters"] for s in exp["stages"]} == fc.SCHEDULE
