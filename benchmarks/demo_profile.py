@@ -84,35 +84,54 @@ def categorise(stats: pstats.Stats) -> dict[str, float]:
     return out
 
 
-def profile_stage(work: Path, stage: str, iters: int) -> dict:
-    import torch
-
+def stage_config(work: Path, stage: str):
+    """The demo stage's resolved config, as the workflow wrote it under ``work``; the process then runs inside
+    ``work``, since the configs name their inputs relative to the workflow's directory."""
     from cpsl.config import TrainConfig, load_file
+
+    os.chdir(work)
+    return load_file(TrainConfig, work / f"results/demo/seed0/configs/train_{stage}.yaml")
+
+
+def build_stage(cfg) -> tuple:
+    """(process info, AMP, method, datasets) of one stage on the CPU, built as ``cpsl train`` builds them."""
     from cpsl.methods import Amp, TrainContext, build_method
     from cpsl.train import dist as D
     from cpsl.train.data import build_datasets
-    from cpsl.train.loop import to_device
 
-    os.chdir(work)  # the resolved configs name their inputs relative to the workflow's directory
-    cfg = load_file(TrainConfig, work / f"results/demo/seed0/configs/train_{stage}.yaml")
-    torch.set_num_threads(1)
-    t0 = time.process_time()
     info = D.setup("cpu")
     D.seed_everything(cfg.seed)
     amp = Amp(cfg.amp, info.device)
     method = build_method(cfg, TrainContext(info.device, info, amp))
-    datasets = build_datasets(cfg, method.domains, cfg.model.n_class)
+    return info, amp, method, build_datasets(cfg, method.domains, cfg.model.n_class)
+
+
+def batch_stream(datasets: dict, batch_size: int, device):
+    """The training batches in order, without end: batch j holds items j x batch_size ... of every domain (the
+    dataset's index wraps; the second number seeds the item's augmentation)."""
+    import torch
+
+    from cpsl.train.loop import to_device
+
+    start = 0
+    while True:
+        batch = {domain: torch.utils.data.default_collate([ds[((start + i) % len(ds), start + i)]
+                                                           for i in range(batch_size)])
+                 for domain, ds in datasets.items()}
+        start += batch_size
+        yield to_device(batch, device)
+
+
+def profile_stage(work: Path, stage: str, iters: int) -> dict:
+    import torch
+
+    cfg = stage_config(work, stage)
+    torch.set_num_threads(1)
+    t0 = time.process_time()
+    info, amp, method, datasets = build_stage(cfg)
     setup_s = time.process_time() - t0
     batch_size = cfg.data.batch_size
-    counters = {domain: 0 for domain in datasets}
-
-    def next_batch() -> dict:
-        batch = {}
-        for domain, ds in datasets.items():
-            items = [ds[((counters[domain] + i) % len(ds), counters[domain] + i)] for i in range(batch_size)]
-            counters[domain] += batch_size
-            batch[domain] = torch.utils.data.default_collate(items)
-        return to_device(batch, info.device)
+    stream = batch_stream(datasets, batch_size, info.device)
 
     def one(batch: dict) -> None:
         method.train_mode()
@@ -122,19 +141,19 @@ def profile_stage(work: Path, stage: str, iters: int) -> dict:
             sched.step()
 
     for _ in range(3):
-        one(next_batch())
+        one(next(stream))
     # data and step, without the profiler
     t_data = t_step = 0.0
     for _ in range(iters):
         t0 = time.process_time()
-        batch = next_batch()
+        batch = next(stream)
         t1 = time.process_time()
         one(batch)
         t2 = time.process_time()
         t_data += t1 - t0
         t_step += t2 - t1
     # the same under cProfile, for the split
-    batches = [next_batch() for _ in range(iters)]
+    batches = [next(stream) for _ in range(iters)]
     prof = cProfile.Profile(time.process_time)
     prof.enable()
     for batch in batches:

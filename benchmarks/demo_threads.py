@@ -31,28 +31,15 @@ STAGES = ("source_only", "warmup", "stage1", "stage2", "stage3")
 
 
 def time_stage(work: Path, stage: str, iters: int) -> dict:
+    import itertools
+
     import torch
 
-    from cpsl.config import TrainConfig, load_file
-    from cpsl.methods import Amp, TrainContext, build_method
-    from cpsl.train import dist as D
-    from cpsl.train.data import build_datasets
-    from cpsl.train.loop import to_device
+    from demo_profile import batch_stream, build_stage, stage_config
 
-    os.chdir(work)  # the resolved configs name their inputs relative to the workflow's directory
-    cfg = load_file(TrainConfig, work / f"results/demo/seed0/configs/train_{stage}.yaml")
-    info = D.setup("cpu")
-    D.seed_everything(cfg.seed)
-    amp = Amp(cfg.amp, info.device)
-    method = build_method(cfg, TrainContext(info.device, info, amp))
-    datasets = build_datasets(cfg, method.domains, cfg.model.n_class)
-    bs = cfg.data.batch_size
-    batches = []
-    for j in range(iters + 3):
-        batch = {domain: torch.utils.data.default_collate([ds[((j * bs + i) % len(ds), j * bs + i)]
-                                                           for i in range(bs)])
-                 for domain, ds in datasets.items()}
-        batches.append(to_device(batch, info.device))
+    cfg = stage_config(work, stage)
+    info, amp, method, datasets = build_stage(cfg)
+    batches = list(itertools.islice(batch_stream(datasets, cfg.data.batch_size, info.device), iters + 3))
 
     def step(batch: dict) -> None:
         method.train_mode()
