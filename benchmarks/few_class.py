@@ -15,11 +15,12 @@ class shares differ between the domains (the target has fewer nuclei), so the wa
 biased, as in #27's report.
 
 The shift changes each class's look but swaps no two classes: after matching the two domains' per-channel mean
-and standard deviation (a crude colour transfer; ``colour_confusion``), 85 % of the target's nucleus pixels lie nearest the source's
-nucleus colour on few2, and 69 % (nuclei) and 76 % (fibres) on few3. Until 2026-12-02 the source fibres were
-yellow, the target nuclei's colour: 67 % of few3's target nucleus pixels lay nearest the source *fibre* colour and
-67 % of its fibre pixels nearest the background, so the warm-up lost the nucleus class on 2 of 3 seeds (IoU 1.5
-and 0.1) and stage 1 had no class to balance (benchmarks/README.md). few2's pair is the same bit for bit.
+and standard deviation (a crude colour transfer; ``colour_confusion``), 85 % of the target's nucleus pixels lie
+nearest the source's nucleus colour on few2, and 69 % (nuclei) and 76 % (fibres) on few3. Until 2026-12-02 the
+source fibres were yellow, the target nuclei's colour: 67 % of few3's target nucleus pixels lay nearest the
+source *fibre* colour and 67 % of its fibre pixels nearest the background, so the warm-up lost the nucleus class
+on 2 of 3 seeds (IoU 1.5 and 0.1) and stage 1 had no class to balance (benchmarks/README.md). few2's pair is the
+same bit for bit.
 
 Shrunk against the template (so that the whole run, 2 pairs x 3 seeds = 98 jobs, fits in about 40 minutes on 2
 shared CPU cores): images 96x128, crop 64x96 and resize 128 (template: 96x192 crops, resize 256); 200 source,
