@@ -1,5 +1,6 @@
 """The GPU-readiness benchmarks run here without a GPU: ``benchmarks/gpu_step.py`` at its reduced CPU size, and
-the memory tracker of ``benchmarks/memory.py`` against hand-computed sizes and the CPU allocator's own events."""
+the memory tracker of ``benchmarks/memory.py`` against hand-computed sizes and the CPU allocator's own events;
+``benchmarks/demo_variants.py``'s config override."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
+import demo_variants  # noqa: E402
 import gpu_step  # noqa: E402
 import memory  # noqa: E402
 
@@ -98,3 +100,22 @@ def test_gpu_step_order_and_time_limit(capsys):
                           "--compile", "off", "--time-limit", "0"])
     assert [r.get("error") for r in rows] == ["not run (time limit)"]
     assert "| stage1 | bf16 | on | off | not run (time limit) |  |  |" in capsys.readouterr().out
+
+
+def test_demo_variants_sets_a_nested_setting_on_a_copy():
+    import functools
+
+    from cpsl.config import TrainConfig, load
+
+    cfg = load(TrainConfig, {"stage": "source_only", "max_iters": 3, "data": {"source": "s", "target": "t"},
+                             "model": {"backbone": "resnet18", "base_width": 8}})
+    cut = demo_variants.with_setting(cfg, "selflabel.queue_length", 1024)
+    cut = demo_variants.with_setting(cut, "data.crop", [80, 160])
+    assert cut.selflabel.queue_length == 1024 and list(cut.data.crop) == [80, 160]
+    assert cut.selflabel.tau == cfg.selflabel.tau and cut.data.source == cfg.data.source
+    assert cfg.selflabel.queue_length == 65536 and list(cfg.data.crop) != [80, 160]
+    with pytest.raises(TypeError, match="no_such_key"):
+        demo_variants.with_setting(cfg, "selflabel.no_such_key", 1)
+    for _stage, _name, settings in demo_variants.VARIANTS:   # every row names settings the config has
+        for key in settings:
+            functools.reduce(getattr, key.split("."), cfg)
