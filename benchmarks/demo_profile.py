@@ -181,6 +181,16 @@ def job_costs(work: Path) -> dict:
     return {"python_start_and_imports_s": round(imports, 2), "snakemake_parse_dry_run_s": round(dry, 2)}
 
 
+def run_record(iters: int, out: Path | None, **parts) -> dict:
+    """A benchmark run's record: the machine (architecture, cores, load average now), ``iters`` and ``parts``,
+    written to ``out`` as JSON when it is given (shared by the demo benchmarks)."""
+    load = os.getloadavg()
+    result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, load {load[0]:.1f}", "iters": iters, **parts}
+    if out:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/demo_profile"))
@@ -195,11 +205,7 @@ def main() -> None:
     for stage in args.stages:
         rows.append(profile_stage(work, stage, args.iters))
         print(json.dumps(rows[-1]), flush=True)
-    load = os.getloadavg()
-    result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, load {load[0]:.1f}", "iters": args.iters,
-              "job_costs": costs, "stages": rows}
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result = run_record(args.iters, args.out, job_costs=costs, stages=rows)
     cats = list(CATEGORIES) + ["rest"]
     print(f"\n{result['machine']}; per-job: {costs}")
     print("| stage | data CPU-s/iter | step CPU-s/iter | " + " | ".join(cats) + " |")

@@ -16,9 +16,6 @@ from the warm-up on nothing trains beside it, so its jobs may take both cores of
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -72,11 +69,7 @@ def main() -> None:
     work = args.work.resolve()
     demo_profile.build_inputs(work)
     rows = [time_stage(work, stage, args.iters) for stage in args.stages]
-    load = os.getloadavg()
-    result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, load {load[0]:.1f}", "iters": args.iters,
-              "stages": rows}
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result = demo_profile.run_record(args.iters, args.out, stages=rows)
     print(f"\n{result['machine']}")
     print("| stage | s/step, 1 thread | s/step, 2 threads | speed-up |")
     print("|---|---:|---:|---:|")

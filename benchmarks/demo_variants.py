@@ -18,9 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -67,9 +64,10 @@ def time_rows(work: Path, stage: str, rows: list[tuple[str, dict]], iters: int, 
     from demo_profile import batch_stream, build_stage, stage_config
 
     torch.set_num_threads(THREADS.get(stage, 2))
+    base = stage_config(work, stage)
     built = []
     for name, settings in rows:
-        cfg = stage_config(work, stage)
+        cfg = base
         for key, value in settings.items():
             cfg = with_setting(cfg, key, value)
         info, amp, method, datasets = build_stage(cfg)
@@ -105,11 +103,7 @@ def main() -> None:
     results = []
     for stage in args.stages:
         results += time_rows(work, stage, [(n, s) for st, n, s in VARIANTS if st == stage], args.iters)
-    load = os.getloadavg()
-    result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, load {load[0]:.1f}", "iters": args.iters,
-              "rows": results}
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result = demo_profile.run_record(args.iters, args.out, rows=results)
     print(f"\n{result['machine']}")
     print("| stage | settings | threads | s/step | vs the stage's first row |")
     print("|---|---|---:|---:|---:|")
