@@ -18,9 +18,9 @@ from cpsl.config import PseudoSoftConfig, TrainConfig, load
 from cpsl.data.pseudo import quantize_soft, save_soft, soft_path
 from cpsl.data.transforms import WeakParams, full_to_weak
 from cpsl.methods import build_method
-from cpsl.methods.selflabel import (SelfLabel, SoftLabelExtras, consistency_loss, contrastive_loss, cutmix_images,
-                                    cutmix_labels, ema_update, load_class_marginal, load_prototypes, rand_bbox,
-                                    rectify, sample_indices, sce_loss, take_pixels)
+from cpsl.methods.selflabel import (SelfLabel, SoftLabelExtras, _ContrastTerms, consistency_loss, contrastive_loss,
+                                    cutmix_images, cutmix_labels, ema_update, load_class_marginal, load_prototypes,
+                                    rand_bbox, rectify, sample_indices, sce_loss, take_pixels)
 from cpsl.models.checkpoint import load_checkpoint
 from cpsl.steps import pseudo_soft
 from cpsl.train.loop import train
@@ -240,6 +240,20 @@ def test_batched_contrastive_equals_the_per_image_mean(b, n, d, length):
     perm = torch.randperm(length, generator=g)
     assert contrastive_loss(anchors, labels, q_feats[perm], q_labels[perm], 0.08).item() == \
         pytest.approx(got.item(), abs=1e-6)
+
+
+def test_contrastive_positive_counts_per_label_equal_the_mask_counts():
+    # _n_pos counts each anchor's positives from per-label counts of the queue; the (B, n, L) mask says the same
+    g = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, N_CLASS, (3, 50), generator=g)
+    labels[0, :10] = 255
+    labels[1, :5] = N_CLASS - 1                       # a class absent from the queue
+    q_labels = torch.randint(0, N_CLASS - 1, (300,), generator=g)
+    q_labels[:40] = 255
+    not_pos, _ = _ContrastTerms._masks(labels, q_labels)
+    got = _ContrastTerms._n_pos(labels, q_labels)
+    assert got.dtype == torch.int64 and torch.equal(got, (~not_pos).sum(-1))
+    assert got[0, :10].eq(0).all() and got[1, :5].eq(0).all() and got.max() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------

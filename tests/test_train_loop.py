@@ -10,11 +10,12 @@ import torch
 
 from cpsl import cli
 from cpsl import config as C
+from cpsl.data.transforms import weak_params_from_batch
 from cpsl.errors import CheckpointError, ConfigError
 from cpsl.methods import Amp, TrainContext, build_method, source_only
 from cpsl.models.checkpoint import load_checkpoint, save_checkpoint
 from cpsl.train import loop
-from cpsl.train.data import InfiniteSampler, build_datasets, build_loaders, make_loader, workers_per_rank
+from cpsl.train.data import InfiniteSampler, build_datasets, build_loaders, collate, make_loader, workers_per_rank
 from cpsl.train.dist import DistInfo
 from cpsl.train.loop import TrainingError, train
 from tests.train_helpers import (max_weight_diff, one_thread, pair_dir, train_config, train_dict,  # noqa: F401
@@ -135,6 +136,18 @@ def test_batches_do_not_depend_on_the_worker_count(pair_dir):  # noqa: F811
     assert 0.0 <= b["image"].min() and b["image"].max() <= 1.0
     assert b["label"].shape == (2, 32, 64) and b["label"].dtype == torch.int64
     assert b["weak_params"]["crop"].shape == (2, 4) and b["strong_params"]["matrices"].shape[0] == 2
+    # the augmentation records stay numpy arrays (collate): read on the host, passed inside the batch's pickle
+    # instead of one shared-memory block each; the same values as torch's default collate, per field
+    for a, c in zip(batches[0], batches[2]):
+        for key in ("weak_params", "strong_params"):
+            assert all(isinstance(v, np.ndarray) for v in (*a[key].values(), *c[key].values()))
+            assert a[key].keys() == c[key].keys() and all(np.array_equal(a[key][k], c[key][k]) for k in a[key])
+    items = [datasets["source"][(i, 7 + i)] for i in range(2)]
+    default = torch.utils.data.default_collate(items)
+    for key in ("weak_params", "strong_params"):
+        assert all(np.array_equal(collate(items)[key][k], default[key][k].numpy()) for k in default[key])
+    assert weak_params_from_batch(collate(items)["weak_params"]) == weak_params_from_batch(default["weak_params"])
+    assert collate([3, 4]).tolist() == [3, 4]   # items other than sample dicts: torch's default collate
 
 
 class _OpenCVThreads(torch.utils.data.Dataset):

@@ -361,6 +361,15 @@ class _ContrastTerms(torch.autograd.Function):
         return same.logical_not_().logical_or_(ignored), not_neg
 
     @staticmethod
+    def _n_pos(anchor_labels: Tensor, queue_labels: Tensor) -> Tensor:
+        """Positives per anchor (B, n), int64: the queue rows with the anchor's label, none for an ignored anchor.
+        Counted per label (labels are 0..254 or 255, ``config`` caps n_class at 255), not over a (B, n, L) mask."""
+        counts = torch.zeros(IGNORE_INDEX + 1, dtype=torch.long, device=queue_labels.device)
+        counts.scatter_add_(0, queue_labels.long(), torch.ones_like(queue_labels, dtype=torch.long))
+        counts[IGNORE_INDEX] = 0
+        return counts[anchor_labels.long()]
+
+    @staticmethod
     def forward(ctx: Any, anchors: Tensor, anchor_labels: Tensor, queue_feats: Tensor, queue_labels: Tensor,
                 tau: float) -> Tensor:
         not_pos, not_neg = _ContrastTerms._masks(anchor_labels, queue_labels)
@@ -371,7 +380,7 @@ class _ContrastTerms(torch.autograd.Function):
         torch.exp(log_prob, out=exp)
         log_prob.sub_(exp.add_(neg_sum).log_())                       # logit - log(exp(logit) + neg_sum)
         del exp
-        n_pos = (queue_labels.shape[0] - not_pos.sum(-1)) + 1e-5
+        n_pos = _ContrastTerms._n_pos(anchor_labels, queue_labels) + 1e-5
         ctx.save_for_backward(anchors, anchor_labels, queue_feats, queue_labels, neg_sum, n_pos)
         ctx.tau = tau
         return -log_prob.masked_fill_(not_pos, 0.0).sum(-1) / n_pos
@@ -386,7 +395,7 @@ class _ContrastTerms(torch.autograd.Function):
         torch.div(-g, d, out=d).masked_fill_(not_pos, 0.0)               # d/d denom
         torch.where(not_neg, d, d.sum(-1, keepdim=True), out=d)          # d/d e
         d.mul_(exp)
-        d.add_(exp.copy_(g.expand_as(exp)).masked_fill_(not_pos, 0.0))  # d/d logit
+        d.add_(torch.where(not_pos, g.new_zeros(()), g, out=exp))       # d/d logit
         del exp
         return d.div_(ctx.tau) @ queue_feats, None, None, None, None
 

@@ -14,14 +14,15 @@ So the number of DataLoader workers, a restart from a checkpoint (the sampler si
 iteration) and the number of processes do not change the data. Each domain has its own ``stream`` id, so the
 source and target orders are independent.
 
-Sample dicts (collated by torch's default collate)::
+Sample dicts (collated by ``collate``: torch's default collate, the ``HOST_KEYS`` records as numpy arrays)::
 
     image        float (3, h, w) in [0, 1] (RGB / 255, no mean/std: the reference normalisation, spec 1.3)
     label        long (h, w), 255 = ignore          (when the dataset is built with label=True)
     index, name  position in the prepared split, sample name
-    weak_params  WeakParams.as_dict() (recover with transforms.weak_params_from_batch); stays on the CPU
+    weak_params  WeakParams.as_dict() (recover with transforms.weak_params_from_batch); stays on the CPU, and
+                 ``collate`` keeps it numpy
     image_strong, strong_params   views=("weak", "strong"): the strong view of the weak crop (spec 1.6);
-                 strong_params stays on the CPU
+                 strong_params stays on the CPU (numpy, like weak_params)
     image_full   views containing "full": the whole unaugmented image, uint8 (3, H, W) (a quarter of the bytes
                  of float32 to copy to the device: ``cpsl.inference.normalize_image`` there)
     ...          whatever the optional ``extras(index, weak_params, sample)`` callable adds (pseudo labels)
@@ -36,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from cpsl.data.prepared import PreparedSplit
 from cpsl.data.lab import LabTransfer, lab_mean_std
@@ -167,6 +168,25 @@ class TrainDataset(Dataset):
         return sample
 
 
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """torch's default collate, except the ``HOST_KEYS`` entries of sample dicts: those stay numpy arrays
+    (stacked per field).
+
+    They are small records that the methods read on the host (``weak_params_from_batch``,
+    ``strong_params_from_batch``) and ``to_device`` leaves on the CPU. As numpy arrays they travel from a loader
+    worker inside the batch's pickle; as tensors each would be a shared-memory block of its own, passed to the
+    training process as a file descriptor over a socket, about 0.4 ms of the training process's time apiece (12
+    of the 20 tensors of a stage-1 batch; benchmarks/README.md, "Where the demo's time goes").
+    """
+    if not isinstance(samples[0], dict):
+        return default_collate(samples)
+    host = {key: {field: np.stack([np.asarray(s[key][field]) for s in samples]) for field in samples[0][key]}
+            for key in HOST_KEYS if key in samples[0]}
+    batch = default_collate([{k: v for k, v in s.items() if k not in host} for s in samples])
+    batch.update(host)
+    return batch
+
+
 def make_loader(dataset: Dataset, sampler: InfiniteSampler, *, workers: int, seed: int,
                 pin_memory: bool = False) -> DataLoader:
     """An endless DataLoader of this rank's share of each global batch.
@@ -179,7 +199,7 @@ def make_loader(dataset: Dataset, sampler: InfiniteSampler, *, workers: int, see
     gen = torch.Generator()
     gen.manual_seed(seed)
     return DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, drop_last=True, worker_init_fn=worker_init_fn, generator=gen,
+                      collate_fn=collate, pin_memory=pin_memory, drop_last=True, worker_init_fn=worker_init_fn, generator=gen,
                       prefetch_factor=2 if workers > 0 else None)
 
 
