@@ -365,8 +365,7 @@ class _ContrastTerms(torch.autograd.Function):
         """Positives per anchor (B, n), int64: the queue rows with the anchor's label, none for an ignored anchor.
         Counted per label (labels are 0..254 or 255, ``config`` caps n_class at 255), not over a (B, n, L) mask."""
         counts = torch.zeros(IGNORE_INDEX + 1, dtype=torch.long, device=queue_labels.device)
-        counts.scatter_add_(0, queue_labels.long(), torch.ones_like(queue_labels, dtype=torch.long))
-        counts[IGNORE_INDEX] = 0
+        counts.scatter_add_(0, queue_labels.long(), (queue_labels != IGNORE_INDEX).long())   # ignored rows add 0
         return counts[anchor_labels.long()]
 
     @staticmethod
