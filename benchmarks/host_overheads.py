@@ -70,6 +70,13 @@ def short_config(work: Path, stage: str, iters: int, dest: Path) -> Path:
     return dest
 
 
+def malloc_env(tuned: bool) -> dict[str, str]:
+    """This process's environment for a child process with glibc's malloc thresholds tuned (``cpsl.malloc``) or
+    left at glibc's defaults (``CPSL_MALLOC_TUNING=0``)."""
+    env = {k: v for k, v in os.environ.items() if k != "CPSL_MALLOC_TUNING"}
+    return env if tuned else {**env, "CPSL_MALLOC_TUNING": "0"}
+
+
 def weights_digest(path: Path) -> str:
     import torch
 
@@ -85,10 +92,7 @@ def run_job(work: Path, config: Path, stage: str, tuned: bool) -> dict:
     """One ``cpsl train`` process: wall, CPU and faults of it and its loader workers, and its weights."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
-        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS.get(stage, 2)), "CUDA_VISIBLE_DEVICES": ""}
-        env.pop("CPSL_MALLOC_TUNING", None)
-        if not tuned:
-            env["CPSL_MALLOC_TUNING"] = "0"
+        env = {**malloc_env(tuned), "OMP_NUM_THREADS": str(THREADS.get(stage, 2)), "CUDA_VISIBLE_DEVICES": ""}
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "cpsl", "train", "--config", str(config), "--out", str(out)],
@@ -102,12 +106,8 @@ def run_job(work: Path, config: Path, stage: str, tuned: bool) -> dict:
 
 
 def contrastive_seconds(rows: int, threads: int, tuned: bool) -> float:
-    env = {**os.environ}
-    env.pop("CPSL_MALLOC_TUNING", None)
-    if not tuned:
-        env["CPSL_MALLOC_TUNING"] = "0"
-    out = subprocess.run([sys.executable, "-c", CONTRAST.format(threads=threads, rows=rows)], env=env, check=True,
-                         capture_output=True, text=True, cwd=ROOT).stdout
+    out = subprocess.run([sys.executable, "-c", CONTRAST.format(threads=threads, rows=rows)], env=malloc_env(tuned),
+                         check=True, capture_output=True, text=True, cwd=ROOT).stdout
     return float(out.strip().splitlines()[-1])
 
 

@@ -6,10 +6,10 @@ threshold with fresh ``mmap`` pages and gives freed memory at the top of the hea
 trim threshold, so each iteration pays page faults and zeroing on memory it just released. Both thresholds start
 at 128 KiB and the dynamic one stops at 32 MiB (trim 64 MiB). ``tune_malloc`` fixes them at 32 MiB (mmap) and
 256 MiB (trim) in the step's process before it allocates much; the loader worker processes it forks inherit them.
-The demo's stage-2 job then has a third of the page faults and half the system time, and stage 1's contrastive
-term runs about twice as fast (benchmarks/README.md, "Host-side costs of the demo's jobs"); the results are the
-same bit for bit (where memory comes from does not change any value). The cost is up to 256 MiB of freed memory kept per
-process.
+A demo stage-1 job then has 30% of the page faults and half the system time, and stage 1's contrastive term runs
+1.4x as fast (56 against 80 ms at 4,096 queue rows; benchmarks/README.md, "Host-side costs of the demo's jobs");
+the results are the same bit for bit (where memory comes from does not change any value). The cost is up to
+256 MiB of freed memory kept per process.
 
 It changes nothing where it cannot apply or should not: on a C library other than glibc (macOS, musl), or when
 the user set either threshold (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or ``GLIBC_TUNABLES``

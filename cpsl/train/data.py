@@ -176,7 +176,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     ``strong_params_from_batch``) and ``to_device`` leaves on the CPU. As numpy arrays they travel from a loader
     worker inside the batch's pickle; as tensors each would be a shared-memory block of its own, passed to the
     training process as a file descriptor over a socket, about 0.4 ms of the training process's time apiece (12
-    of the 20 tensors of a stage-1 batch; benchmarks/README.md, "Where the demo's time goes").
+    of the 20 tensors of a stage-1 batch; benchmarks/README.md, "Host-side costs of the demo's jobs").
     """
     if not isinstance(samples[0], dict):
         return default_collate(samples)
@@ -199,8 +199,8 @@ def make_loader(dataset: Dataset, sampler: InfiniteSampler, *, workers: int, see
     gen = torch.Generator()
     gen.manual_seed(seed)
     return DataLoader(dataset, batch_size=sampler.local_batch, sampler=sampler, num_workers=workers,
-                      collate_fn=collate, pin_memory=pin_memory, drop_last=True, worker_init_fn=worker_init_fn, generator=gen,
-                      prefetch_factor=2 if workers > 0 else None)
+                      collate_fn=collate, pin_memory=pin_memory, drop_last=True, worker_init_fn=worker_init_fn,
+                      generator=gen, prefetch_factor=2 if workers > 0 else None)
 
 
 def weak_config(data_cfg: Any) -> WeakConfig:
