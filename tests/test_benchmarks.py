@@ -1,6 +1,6 @@
 """The GPU-readiness benchmarks run here without a GPU: ``benchmarks/gpu_step.py`` at its reduced CPU size, and
 the memory tracker of ``benchmarks/memory.py`` against hand-computed sizes and the CPU allocator's own events;
-``benchmarks/demo_variants.py``'s config override."""
+``benchmarks/demo_variants.py``'s config override; ``benchmarks/model_cost.py``'s FLOP count."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import demo_variants  # noqa: E402
 import gpu_step  # noqa: E402
 import memory  # noqa: E402
+import model_cost  # noqa: E402
 
 from tests.train_helpers import one_thread  # noqa: E402,F401
 
@@ -119,3 +120,22 @@ def test_demo_variants_sets_a_nested_setting_on_a_copy():
     for _stage, _name, settings in demo_variants.VARIANTS:   # every row names settings the config has
         for key in settings:
             functools.reduce(getattr, key.split("."), cfg)
+
+
+def test_model_cost_counts_the_stem_and_the_whole_pass_by_hand():
+    """One forward and backward pass at 2 x 3 x 32 x 64: the stem (7x7, 3 -> 8 channels, stride 2, 16 x 32 out)
+    costs 2 FLOPs per multiply-add x (2 x 16 x 32 x 8 x 3 x 49) multiply-adds, twice: its forward and its weight
+    gradient (the image needs no gradient). The modules make up the total, and a narrower ASPP head (layer5)
+    costs less there and nothing elsewhere."""
+    model = model_cost.DeepLabV2(**model_cost.DEMO).train()
+    x = torch.randn(2, 3, 32, 64)
+    row = model_cost.flops(model, x)
+    stem = 2 * 2 * (2 * 16 * 32 * 8 * 3 * 49)
+    assert row["gflop_by_module"]["conv1"] * 1e9 == pytest.approx(stem, rel=1e-9)
+    modules = sum(row["gflop_by_module"].values())
+    assert modules <= row["gflop"] <= 1.01 * modules     # the rest: a few backward ops counted outside the modules
+    assert set(row["gflop_by_module"]) == {"conv1", "layer1", "layer2", "layer3", "layer4", "layer5"}
+    narrower = model_cost.flops(model_cost.DeepLabV2(**{**model_cost.DEMO, "head_channels": 16}).train(), x)
+    for module in ("conv1", "layer1", "layer2", "layer3", "layer4"):
+        assert narrower["gflop_by_module"][module] == row["gflop_by_module"][module]
+    assert narrower["gflop_by_module"]["layer5"] < row["gflop_by_module"]["layer5"]
