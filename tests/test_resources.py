@@ -392,6 +392,25 @@ def test_rules_take_threads_resources_and_launcher_from_config(tmp_path):
     assert "CUDA_VISIBLE_DEVICES=" not in capped
 
 
+def test_training_jobs_start_before_the_evaluations_that_are_ready_with_them(tmp_path):
+    # the shipped demo: 10 x the stages waiting on a stage (+1 for its training, +5 for its products); every
+    # evaluation has Snakemake's default 0, so stage 3, the oracle and any other training job win a tie with them
+    out = dry_run(tmp_path, {}, "--cores", "2").stdout
+
+    def priority(rule: str, wildcard: str) -> int:
+        found = re.search(r"^\s*priority: (\d+)$", job_block(out, rule, wildcard), re.M)
+        return int(found.group(1)) if found else 0
+
+    trains = {s: priority("train", f"stage={s}\n") for s in ("source_only", "oracle", "warmup", "stage1", "stage2",
+                                                              "stage3")}
+    assert trains == {"source_only": 41, "oracle": 1, "warmup": 31, "stage1": 21, "stage2": 11, "stage3": 1}
+    assert [priority("stage_product", f"stage={s}, product={p}") for s, p in
+            (("warmup", "pseudo_soft"), ("warmup", "prototypes"), ("warmup", "class_dist"), ("stage1", "pseudo_hard"),
+             ("stage2", "pseudo_hard"))] == [35, 35, 35, 25, 15]
+    assert [priority("evaluate", f"stage={s}\n") for s in trains] == [0] * 6
+    assert priority("evaluate_split", "stage=source_only, role=source_val") == 0
+
+
 def test_a_bad_resource_setting_stops_the_workflow_with_one_line(tmp_path):
     tiny = copy.deepcopy(TINY)
     tiny["resources"] = {"train": {"gpu": "two"}}

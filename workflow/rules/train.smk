@@ -34,7 +34,7 @@ rule train:
     wildcard_constraints:
         stage=STAGE_RE,
         seed=r"\d+",
-    priority: lambda wc: W.chain_priority(config, wc.exp, wc.stage)
+    priority: lambda wc: W.train_priority(config, wc.exp, wc.stage)
     threads: threads_of("train")
     resources:
         **resources_of("train"),
