@@ -2,18 +2,19 @@
 
     .venv/bin/python benchmarks/model_cost.py [--threads 2] [--iters 10] [--out model_cost.json]
 
-Builds the demo's DeepLab-v2 (config.yaml's ``demo.model``: ResNet-18 layout at base width 8, ASPP at 32 channels,
-dilations 1-4) and each variant in ``VARIANTS``, counts the FLOPs of a forward and backward pass on a batch of 4 x 3
-x 96 x 192 (the demo's batch and crop) with torch's ``FlopCounterMode``, split by the top-level modules (conv1,
-layer1-4, layer5 = the ASPP head), and times the pass: 3 warm-up passes, then the fastest of 3 rounds of ``--iters``
-passes, the rounds alternating between the models. Random weights and inputs; malloc tuned as in a ``python -m
-cpsl`` process. It says whether a cheaper demo model would buy time: the FLOPs a variant removes against the time it
-saves.
+Builds the demo's DeepLab-v2 (its settings resolved from config.yaml as the workflow passes them to ``cpsl train``:
+ResNet-18 layout at base width 8, ASPP at 32 channels, dilations 1-4) and each variant in ``VARIANTS``, counts the
+FLOPs of a forward and backward pass on a batch of 4 x 3 x 96 x 192 (the demo's batch and crop) with torch's
+``FlopCounterMode``, split by the top-level modules (conv1, layer1-4, layer5 = the ASPP head), and times the pass: 3
+warm-up passes, then the fastest of 3 rounds of ``--iters`` passes, the rounds alternating between the models.
+Random weights and inputs; malloc tuned as in a ``python -m cpsl`` process. It says whether a cheaper demo model
+would buy time: the FLOPs a variant removes against the time it saves.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -26,15 +27,22 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from cpsl import workflow  # noqa: E402
+from cpsl.config import TrainConfig, load  # noqa: E402
 from cpsl.malloc import tune_malloc  # noqa: E402
-from cpsl.models.deeplabv2 import DeepLabV2  # noqa: E402
+from cpsl.models import build_model  # noqa: E402
 
-_DEMO = yaml.safe_load((ROOT / "config.yaml").read_text())["experiment_settings"]["demo"]
-# DeepLabV2's arguments as config.yaml's demo sets them, and the demo's training batch (batch, 3, crop)
-DEMO = {**_DEMO["model"], "n_class": _DEMO["n_class"]}
-SHAPE = (_DEMO["train"]["data"]["batch_size"], 3, *_DEMO["train"]["data"]["crop"])
+# the demo's source-only settings, resolved and validated as the workflow resolves them; its training batch
+DEMO = load(TrainConfig, workflow.train_config(yaml.safe_load((ROOT / "config.yaml").read_text()), "demo", 0,
+                                               "source_only"))
+SHAPE = (DEMO.data.batch_size, 3, *DEMO.data.crop)
 VARIANTS = {"demo": {}, "ASPP 24 channels": {"head_channels": 24}, "ASPP 16 channels": {"head_channels": 16},
             "base width 6": {"base_width": 6}}
+
+
+def build(**settings) -> torch.nn.Module:
+    """The demo's network with the ``ModelConfig`` fields ``settings`` changed, random weights, in train mode."""
+    return build_model(dataclasses.replace(DEMO.model, init=None, **settings)).train()
 
 
 def pass_once(model: torch.nn.Module, x: torch.Tensor) -> None:
@@ -55,7 +63,7 @@ def measure(iters: int, rounds: int = 3) -> dict:
     """Every variant's FLOPs and its fastest round's ms per pass; the rounds alternate between the variants, so
     that a change in the machine's speed reaches all of them alike."""
     x = torch.randn(SHAPE)
-    models = {name: DeepLabV2(**{**DEMO, **settings}).train() for name, settings in VARIANTS.items()}
+    models = {name: build(**settings) for name, settings in VARIANTS.items()}
     rows = {name: flops(model, x) for name, model in models.items()}
     for model in models.values():
         for _ in range(3):
@@ -89,8 +97,8 @@ def main() -> None:
               f"| {r['ms_per_pass'] / base['ms_per_pass']:.2f}x |")
     print("demo by module (GFLOP):", {k: round(v, 3) for k, v in base["gflop_by_module"].items()})
     if args.out:
-        args.out.write_text(json.dumps({"threads": args.threads, "model": DEMO, "shape": SHAPE, "rows": rows},
-                                       indent=1))
+        summary = {"threads": args.threads, "model": dataclasses.asdict(DEMO.model), "shape": SHAPE, "rows": rows}
+        args.out.write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

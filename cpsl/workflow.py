@@ -322,8 +322,9 @@ def chain_priority(config: dict, exp: str, stage: str) -> int:
     """Snakemake priority of a stage's training and of the products made from it: the number of the
     experiment's later stages that wait for it, directly or through others (with the shipped demo: warmup 3,
     stage1 2, stage2 1, stage3, source_only and oracle 0; source_only 2 when the stage-2 student starts from its
-    backbone, ``model.init: "@source_only"``), scaled by 10 so that a stage's products (priority + 5) come
-    between it and the next stage. With few cores, the scheduler then runs the chain to stage 3 first and fits
+    backbone, ``model.init: "@source_only"``), scaled by 10 so that a stage's products (``product_priority``,
+    + 5) come between it and the next stage, and its training (``train_priority``, + 1) before the evaluations
+    (Snakemake's default 0). With few cores, the scheduler then runs the chain to stage 3 first and fits
     the rest beside it. Derived from ``stage_inputs``, so a ``model.init`` or ``init_checkpoint`` naming a stage
     counts as an edge."""
     consumes = {later: {src for src, _ in stage_inputs(config, exp, later).values()}
@@ -339,8 +340,14 @@ def train_priority(config: dict, exp: str, stage: str) -> int:
     """Snakemake priority of a stage's training job: ``chain_priority`` + 1, so that a training job ready at the
     same time as evaluations (priority 0) starts first. With the shipped demo on 2 cores, stage 3 (which nothing
     waits on) otherwise tied with the evaluations of the warm-up and stages 1-2 that became ready with stage 2's
-    labels and started after them, 8-11 s later; the evaluations now run two at a time beside the last one."""
+    labels and started after them, 8-11 s later; the evaluations now run two at a time after it."""
     return chain_priority(config, exp, stage) + 1
+
+
+def product_priority(config: dict, exp: str, stage: str) -> int:
+    """Snakemake priority of the pseudo-label, prototype and class-distribution steps of ``stage``:
+    ``chain_priority`` + 5, after the stage's own training and before the next stage's."""
+    return chain_priority(config, exp, stage) + 5
 
 
 def product_path(config: dict, exp: str, seed: int, stage: str, product: str) -> Path:

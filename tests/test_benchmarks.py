@@ -127,7 +127,7 @@ def test_model_cost_counts_the_stem_and_the_whole_pass_by_hand():
     costs 2 FLOPs per multiply-add x (2 x 16 x 32 x 8 x 3 x 49) multiply-adds, twice: its forward and its weight
     gradient (the image needs no gradient). The modules make up the total, and a narrower ASPP head (layer5)
     costs less there and nothing elsewhere."""
-    model = model_cost.DeepLabV2(**model_cost.DEMO).train()
+    model = model_cost.build()
     x = torch.randn(2, 3, 32, 64)
     row = model_cost.flops(model, x)
     stem = 2 * 2 * (2 * 16 * 32 * 8 * 3 * 49)
@@ -135,7 +135,7 @@ def test_model_cost_counts_the_stem_and_the_whole_pass_by_hand():
     modules = sum(row["gflop_by_module"].values())
     assert modules <= row["gflop"] <= 1.01 * modules     # the rest: a few backward ops counted outside the modules
     assert set(row["gflop_by_module"]) == {"conv1", "layer1", "layer2", "layer3", "layer4", "layer5"}
-    narrower = model_cost.flops(model_cost.DeepLabV2(**{**model_cost.DEMO, "head_channels": 16}).train(), x)
+    narrower = model_cost.flops(model_cost.build(head_channels=16), x)
     for module in ("conv1", "layer1", "layer2", "layer3", "layer4"):
         assert narrower["gflop_by_module"][module] == row["gflop_by_module"][module]
     assert narrower["gflop_by_module"]["layer5"] < row["gflop_by_module"]["layer5"]

@@ -143,7 +143,7 @@ rule stage_product:
         stage=STAGE_RE,
         seed=r"\d+",
         product="|".join(W.PRODUCTS),
-    priority: lambda wc: W.chain_priority(config, wc.exp, wc.stage) + 5
+    priority: lambda wc: W.product_priority(config, wc.exp, wc.stage)
     threads: threads_of("stage_product")
     resources:
         **resources_of("stage_product"),
