@@ -1,6 +1,7 @@
 """The GPU-readiness benchmarks run here without a GPU: ``benchmarks/gpu_step.py`` at its reduced CPU size, and
 the memory tracker of ``benchmarks/memory.py`` against hand-computed sizes and the CPU allocator's own events;
-``benchmarks/demo_variants.py``'s config override; ``benchmarks/model_cost.py``'s FLOP count."""
+``benchmarks/demo_variants.py``'s config override; ``benchmarks/model_cost.py``'s FLOP count; ``benchmarks/demo_wall.py``
+with a stand-in snakemake on a generated repository."""
 
 from __future__ import annotations
 
@@ -139,3 +140,84 @@ def test_model_cost_counts_the_stem_and_the_whole_pass_by_hand():
     for module in ("conv1", "layer1", "layer2", "layer3", "layer4"):
         assert narrower["gflop_by_module"][module] == row["gflop_by_module"][module]
     assert narrower["gflop_by_module"]["layer5"] < row["gflop_by_module"]["layer5"]
+
+
+FAKE_SNAKEMAKE = """#!{python}
+# stands in for `snakemake --cores N` in a clone: writes what the workflow writes that demo_wall.py reads
+import json, pathlib, subprocess, sys
+cores = sys.argv[sys.argv.index("--cores") + 1]
+sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+version = pathlib.Path("version.txt").read_text().strip()
+res = pathlib.Path("results")
+(res / "demo/benchmarks/seed0").mkdir(parents=True)
+(res / "demo/benchmarks/seed0/train_stage1.tsv").write_text("s\\th:m:s\\tmax_rss\\n" + version + "\\t0:00:01\\t5.0\\n")
+(res / "demo/benchmarks/seed0/evaluate_stage1.tsv").write_text("s\\th:m:s\\n3.5\\t0:00:03\\n")
+(res / "benchmarks").mkdir()
+(res / "benchmarks/collect.tsv").write_text("s\\th:m:s\\n2.0\\t0:00:02\\n")
+(res / "demo/seed0/stage1").mkdir(parents=True)
+(res / "demo/seed0/stage1/run_info.json").write_text(json.dumps({{"git_commit": sha, "cores": cores}}))
+(res / "summary.csv").write_text(
+    "experiment,seed,stage,selection,miou,road,split\\n"
+    "demo,0,stage1,last,19.0749,91.1,target_val\\n"
+    "demo,0,stage1,best,25.0,91.1,target_val\\n"
+    "demo,1,stage1,last,18.8,90.0,target_val\\n"
+    "demo,0,source_only,last,14.3,86.3,source_val\\n")
+sys.exit(0 if version != "3" else 3)
+"""
+
+
+def _git(repo: Path, *args: str) -> str:
+    import subprocess
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PATH": "/usr/bin:/bin", "HOME": str(repo)}
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+                          env=env).stdout.strip()
+
+
+def test_demo_wall_runs_each_commit_in_its_own_clone_and_reads_its_results(tmp_path):
+    import json
+
+    import demo_wall
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    shas = []
+    for version in ("1", "2", "3"):
+        (repo / "version.txt").write_text(version + "\n")
+        _git(repo, "add", "version.txt")
+        _git(repo, "commit", "-q", "-m", "v" + version)
+        shas.append(_git(repo, "rev-parse", "HEAD"))
+    fake = tmp_path / "fake_snakemake"
+    fake.write_text(FAKE_SNAKEMAKE.format(python=sys.executable))
+    fake.chmod(0o755)
+    out = tmp_path / "rows.json"
+    work = tmp_path / "work"
+
+    rc = demo_wall.main([shas[1][:8], "HEAD~2", shas[1], "--work", str(work), "--snakemake", str(fake),
+                         "--repo", str(repo), "--cores", "3", "--out", str(out)])
+    assert rc == 0
+    rows = json.loads(out.read_text())
+    assert [r["sha"] for r in rows] == [shas[1], shas[0], shas[1]]
+    assert [r["commit"] for r in rows] == [shas[1][:8], "HEAD~2", shas[1]]
+    assert sorted(p.name for p in work.iterdir()) == ["0-" + shas[1][:7], "1-" + shas[0][:7], "2-" + shas[1][:7]]
+    # each clone is at its commit, with the snakemake output in its log
+    assert (work / f"1-{shas[0][:7]}" / "version.txt").read_text() == "1\n"
+    # training jobs only, their first column; seed 0's target-val last-checkpoint mIoU, rounded to 2 decimals
+    assert [r["jobs_s"] for r in rows] == [{"demo/benchmarks/seed0/train_stage1.tsv": 2.0},
+                                           {"demo/benchmarks/seed0/train_stage1.tsv": 1.0},
+                                           {"demo/benchmarks/seed0/train_stage1.tsv": 2.0}]
+    assert rows[0]["seed0_target_val"] == {"stage1": 19.07}
+    assert all(r["rc"] == 0 and r["commit_recorded"] is True and r["wall_s"] >= 0 for r in rows)
+    run_info = json.loads((work / f"1-{shas[0][:7]}" / "results/demo/seed0/stage1/run_info.json").read_text())
+    assert run_info["cores"] == "3"
+
+    # a failing run is reported in its row and in the exit status
+    rc = demo_wall.main(["HEAD", "--work", str(tmp_path / "w2"), "--snakemake", str(fake), "--repo", str(repo)])
+    assert rc == 1
+    # a clone folder that exists is not touched, an unknown commit is named
+    with pytest.raises(SystemExit, match=r"w2/0-\w{7} exists; give an empty --work folder"):
+        demo_wall.main(["HEAD", "--work", str(tmp_path / "w2"), "--snakemake", str(fake), "--repo", str(repo)])
+    with pytest.raises(SystemExit, match=r"'nosuch' is not a commit of .*repo"):
+        demo_wall.main(["nosuch", "--work", str(tmp_path / "w3"), "--repo", str(repo)])
