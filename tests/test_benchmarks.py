@@ -1,7 +1,7 @@
 """The GPU-readiness benchmarks run here without a GPU: ``benchmarks/gpu_step.py`` at its reduced CPU size, and
 the memory tracker of ``benchmarks/memory.py`` against hand-computed sizes and the CPU allocator's own events;
-``benchmarks/demo_variants.py``'s config override; ``benchmarks/model_cost.py``'s FLOP count; ``benchmarks/demo_wall.py``
-with a stand-in snakemake on a generated repository."""
+``benchmarks/demo_variants.py``'s config override; ``benchmarks/model_cost.py``'s FLOP count;
+``benchmarks/demo_wall.py`` with a stand-in snakemake on a generated repository."""
 
 from __future__ import annotations
 
