@@ -3,12 +3,12 @@
     .venv/bin/python benchmarks/demo_wall.py --work /tmp/demo_wall HEAD 22f500b HEAD [--out demo_wall.json]
 
 For each commit in the order given (a commit may be repeated: ``HEAD OLD HEAD`` brackets the old code between two
-runs of the new), clones this repository into ``WORK/<n>-<commit>``, checks the commit out and runs
+runs of the new), clones this repository into ``WORK/<n>-<short sha>``, checks the commit out and runs
 ``snakemake --cores 2`` there, as a user does after the install, with this interpreter's ``bin`` folder first on
 ``PATH`` (its snakemake and python; ``python -m cpsl`` in the clone imports the clone's package, which is first on
 ``sys.path``). It records the wall seconds of the ``snakemake`` command, the seconds of each training job (the
 workflow's ``benchmarks/*.tsv``) and seed 0's target-val mIoU per stage (``results/summary.csv``), and checks that
-each run recorded the commit it was given (``run_info.json``).
+each run's ``run_info.json`` files record the commit it was given and no other.
 
 Why: the 2-core VM this was written on runs the same work 20-45% faster or slower from one hour to the next, so one
 run's seconds say little about the code. Runs of two commits back to back on the same machine compare the code:
@@ -42,7 +42,7 @@ def job_seconds(results: Path) -> dict[str, float]:
     """Seconds per job from the workflow's benchmark files (``s`` column, the first)."""
     out = {}
     for tsv in sorted(results.glob("**/benchmarks/**/*.tsv")):
-        rows = list(csv.reader(tsv.open(), delimiter="\t"))
+        rows = list(csv.reader(tsv.read_text().splitlines(), delimiter="\t"))
         if len(rows) >= 2 and rows[0] and rows[0][0] == "s":
             out[str(tsv.relative_to(results))] = float(rows[-1][0])
     return out
@@ -93,7 +93,7 @@ def run_one(work: Path, n: int, commit: str, cores: int = 2, snakemake: str = "s
            "start": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(start)),
            "jobs_s": {k: v for k, v in job_seconds(results).items() if "/train_" in k},
            "seed0_target_val": seed0_miou(results),
-           "commit_recorded": (sha in recorded) if recorded else None}
+           "commit_recorded": (recorded == {sha}) if recorded else None}
     print(f"{n}: {commit} ({sha[:7]}) rc {rc} wall {wall:.0f} s, seed 0 {row['seed0_target_val']}", flush=True)
     return row
 

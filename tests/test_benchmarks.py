@@ -144,7 +144,7 @@ def test_model_cost_counts_the_stem_and_the_whole_pass_by_hand():
 
 FAKE_SNAKEMAKE = """#!{python}
 # stands in for `snakemake --cores N` in a clone: writes what the workflow writes that demo_wall.py reads
-import json, pathlib, subprocess, sys
+import json, os, pathlib, subprocess, sys
 cores = sys.argv[sys.argv.index("--cores") + 1]
 sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
 version = pathlib.Path("version.txt").read_text().strip()
@@ -156,6 +156,8 @@ res = pathlib.Path("results")
 (res / "benchmarks/collect.tsv").write_text("s\\th:m:s\\n2.0\\t0:00:02\\n")
 (res / "demo/seed0/stage1").mkdir(parents=True)
 (res / "demo/seed0/stage1/run_info.json").write_text(json.dumps({{"git_commit": sha, "cores": cores}}))
+if os.environ.get("FAKE_FOREIGN_COMMIT"):
+    (res / "demo/seed0/run_info.json").write_text(json.dumps({{"git_commit": os.environ["FAKE_FOREIGN_COMMIT"]}}))
 (res / "summary.csv").write_text(
     "experiment,seed,stage,selection,miou,road,split\\n"
     "demo,0,stage1,last,19.0749,91.1,target_val\\n"
@@ -175,7 +177,7 @@ def _git(repo: Path, *args: str) -> str:
                           env=env).stdout.strip()
 
 
-def test_demo_wall_runs_each_commit_in_its_own_clone_and_reads_its_results(tmp_path):
+def test_demo_wall_runs_each_commit_in_its_own_clone_and_reads_its_results(tmp_path, monkeypatch):
     import json
 
     import demo_wall
@@ -202,8 +204,9 @@ def test_demo_wall_runs_each_commit_in_its_own_clone_and_reads_its_results(tmp_p
     assert [r["sha"] for r in rows] == [shas[1], shas[0], shas[1]]
     assert [r["commit"] for r in rows] == [shas[1][:8], "HEAD~2", shas[1]]
     assert sorted(p.name for p in work.iterdir()) == ["0-" + shas[1][:7], "1-" + shas[0][:7], "2-" + shas[1][:7]]
-    # each clone is at its commit, with the snakemake output in its log
+    # each clone is at its commit, the command's output kept in the clone
     assert (work / f"1-{shas[0][:7]}" / "version.txt").read_text() == "1\n"
+    assert (work / f"1-{shas[0][:7]}" / "demo_wall.log").is_file()
     # training jobs only, their first column; seed 0's target-val last-checkpoint mIoU, rounded to 2 decimals
     assert [r["jobs_s"] for r in rows] == [{"demo/benchmarks/seed0/train_stage1.tsv": 2.0},
                                            {"demo/benchmarks/seed0/train_stage1.tsv": 1.0},
@@ -217,7 +220,17 @@ def test_demo_wall_runs_each_commit_in_its_own_clone_and_reads_its_results(tmp_p
     rc = demo_wall.main(["HEAD", "--work", str(tmp_path / "w2"), "--snakemake", str(fake), "--repo", str(repo)])
     assert rc == 1
     # a clone folder that exists is not touched, an unknown commit is named
+    clone = next((tmp_path / "w2").iterdir())
+    (clone / "mine.txt").write_text("user's file")
+    before = {p: p.read_bytes() for p in clone.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit, match=r"w2/0-\w{7} exists; give an empty --work folder"):
         demo_wall.main(["HEAD", "--work", str(tmp_path / "w2"), "--snakemake", str(fake), "--repo", str(repo)])
+    assert {p: p.read_bytes() for p in clone.rglob("*") if p.is_file()} == before
     with pytest.raises(SystemExit, match=r"'nosuch' is not a commit of .*repo"):
         demo_wall.main(["nosuch", "--work", str(tmp_path / "w3"), "--repo", str(repo)])
+
+    # a run whose steps recorded another commit beside the one given is flagged
+    monkeypatch.setenv("FAKE_FOREIGN_COMMIT", shas[0])
+    assert demo_wall.main(["HEAD~1", "--work", str(tmp_path / "w4"), "--snakemake", str(fake), "--repo", str(repo),
+                           "--out", str(out)]) == 0
+    assert [r["commit_recorded"] for r in json.loads(out.read_text())] == [False]
