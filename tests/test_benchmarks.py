@@ -5,6 +5,8 @@ the memory tracker of ``benchmarks/memory.py`` against hand-computed sizes and t
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import demo_variants  # noqa: E402
+import demo_wall  # noqa: E402
 import gpu_step  # noqa: E402
 import memory  # noqa: E402
 import model_cost  # noqa: E402
@@ -169,8 +172,6 @@ sys.exit(0 if version != "3" else 3)
 
 
 def _git(repo: Path, *args: str) -> str:
-    import subprocess
-
     env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
            "PATH": "/usr/bin:/bin", "HOME": str(repo)}
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
@@ -178,10 +179,6 @@ def _git(repo: Path, *args: str) -> str:
 
 
 def test_demo_wall_runs_each_commit_in_its_own_clone_and_reads_its_results(tmp_path, monkeypatch):
-    import json
-
-    import demo_wall
-
     repo = tmp_path / "repo"
     repo.mkdir()
     _git(repo, "init", "-q")
